@@ -1,0 +1,159 @@
+"""Triton kernels for y = U (V x) + b (KERNELS.md §3, §7).
+
+One NT-GEMM kernel, C = A·Bᵀ (+ bias), serves both steps of both regimes:
+
+* decode (T ≤ DECODE_MAX_TOKENS, memory-bound): the shrink t = x·Vᵀ is split over n (SPLIT_K
+  programs per tile, fp32 atomics into a (T, k) workspace that stays in L2), then the expand
+  y = t·Uᵀ + b reads t in fp32 with the whole rank per program and adds the bias in its epilogue;
+* prefill: two tiled tensor-core GEMMs with grouped program order for L2 reuse, t kept in the
+  input dtype (as two unfused matmuls keep it), bias fused into the second epilogue.
+
+Accumulation is fp32 everywhere; fp32 inputs use IEEE products (no TF32). On CUDA the tile
+configs are autotuned per regime and cached by Triton per (M-bucket, N, K); under
+TRITON_INTERPRET=1 (CPU tests) fixed small configs run instead. The launchers allocate only
+their output and workspace and never sync, so they can be captured in CUDA graphs (warm the
+autotuner up before capturing).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_MAX_TOKENS = 16
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _matmul_nt_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """C[M, N] (+)= A[M, K] · B[N, K]ᵀ (+ bias[N]); SPLIT_K > 1 atomically adds fp32 partials."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_SIZE_M * num_n
+    first_m = (pid // group) * GROUP_SIZE_M
+    size_m = min(num_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * stride_bn + kk[:, None] * stride_bk,
+                    mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+        if a.dtype != b.dtype:  # fp32 workspace times half-precision factor (decode expand)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, acc, mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _config(bm, bn, bk, split, warps=4, stages=3, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                          "GROUP_SIZE_M": group}, num_warps=warps, num_stages=stages)
+
+
+_SHRINK_DECODE = [_config(16, bn, bk, s, w, st) for bn in (32, 64) for bk in (128, 256)
+                  for s in (4, 8, 16, 32) for w, st in ((4, 3), (4, 4))]
+_EXPAND_DECODE = [_config(16, bn, bk, 1, w, st) for bn in (32, 64, 128) for bk in (64, 128)
+                  for w, st in ((4, 2), (4, 3))]
+_PREFILL = [_config(bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4))]
+_tuned_kernels: dict[str, object] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(regime: str, a, b, c, bias, split_default: int):
+    M, K = a.shape
+    N = b.shape[0]
+    ieee = a.dtype == torch.float32 and b.dtype == torch.float32
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    args = (a, b, c, bias if bias is not None else c, M, N, K, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    if _interpreting() or not a.is_cuda:
+        meta = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=4, SPLIT_K=split_default)
+        _matmul_nt_kernel[grid(meta)](*args, HAS_BIAS=bias is not None, IEEE=ieee, **meta)
+        return
+    if regime not in _tuned_kernels:
+        configs = {"shrink": _SHRINK_DECODE, "expand": _EXPAND_DECODE, "prefill": _PREFILL}[regime]
+        _tuned_kernels[regime] = triton.autotune(
+            configs, key=["M", "N", "K"], reset_to_zero=["c_ptr"] if regime == "shrink" else None,
+        )(_matmul_nt_kernel)
+    _tuned_kernels[regime][grid](*args, HAS_BIAS=bias is not None, IEEE=ieee)
+
+
+def _check(x, U, V, bias):
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"lowrank_linear supports fp16, bf16 and fp32 inputs; got {x.dtype}")
+    if U.dtype != x.dtype or V.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, U, V and bias must share one dtype; got {x.dtype}, {U.dtype}, {V.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    if V.dim() != 2 or U.dim() != 2 or U.shape[1] != V.shape[0]:
+        raise ValueError(f"need U (m, k) and V (k, n); got U {tuple(U.shape)}, V {tuple(V.shape)}")
+    if x.shape[-1] != V.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but V expects {V.shape[1]}")
+    if bias is not None and bias.shape != (U.shape[0],):
+        raise ValueError(f"bias must have shape ({U.shape[0]},); got {tuple(bias.shape)}")
+    if not (x.device == U.device == V.device):
+        raise ValueError(f"x, U and V must be on one device; got {x.device}, {U.device}, {V.device}")
+
+
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias=None) -> torch.Tensor:
+    """Fused y = U (V x) + b; see the module docstring for the two regimes.
+
+    Args:
+        x: (..., n) fp16/bf16/fp32; leading dims are flattened (non-contiguous x is copied once
+            by reshape; any 2-D strides are used as they are).
+        U: (m, k), V: (k, n), bias: (m,) or None, all in x's dtype; strided factors are fine.
+    Returns:
+        (..., m) in x's dtype.
+    """
+    _check(x, U, V, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    T, (m, k) = x2.shape[0], U.shape
+    y = torch.empty(T, m, device=x.device, dtype=x.dtype)
+    if T == 0:
+        return y.reshape(*lead, m)
+    if T <= DECODE_MAX_TOKENS:
+        t = torch.zeros(T, k, device=x.device, dtype=torch.float32)
+        _launch("shrink", x2, V, t, None, split_default=3)
+        _launch("expand", t, U, y, bias, split_default=1)
+    else:
+        t = torch.empty(T, k, device=x.device, dtype=x.dtype)
+        _launch("prefill", x2, V, t, None, split_default=1)
+        _launch("prefill", t, U, y, bias, split_default=1)
+    return y.reshape(*lead, m)

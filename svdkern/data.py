@@ -1,0 +1,119 @@
+"""Text sources and token windows for calibration and evaluation.
+
+`wikitext2` resolves, in order, to the local copy under $SVDKERN_DATA_DIR/wikitext2/, the
+Hugging Face dataset (online), and, offline with neither, the English documentation text that
+ships with Python (with a warning). Any other source is a path to a plain text file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+
+import torch
+
+# split -> (local file, Hugging Face split). The dev protocol calibrates on the validation
+# split (the only one shipped locally) and evaluates on the raw test split.
+_WIKITEXT2 = {"test": ("wiki.test.raw", "test"), "calibration": ("wiki.valid.tokens", "validation")}
+
+
+class DataError(ValueError):
+    """Data that cannot provide the windows asked for."""
+
+
+def load_text(source: str, split: str) -> str:
+    """Raw text for `source` ('wikitext2' or a file path) and split ('test' or 'calibration')."""
+    if source != "wikitext2":
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"data source {source!r} is neither 'wikitext2' nor an existing text file")
+        return path.read_text(encoding="utf-8", errors="replace")
+    filename, hf_split = _WIKITEXT2[split]
+    data_dir = os.environ.get("SVDKERN_DATA_DIR")
+    if data_dir:
+        path = Path(data_dir) / "wikitext2" / filename
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        warnings.warn(f"SVDKERN_DATA_DIR is set but {path} does not exist; trying Hugging Face")
+    try:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
+        return "\n\n".join(rows)
+    except Exception as exc:  # offline, or datasets missing: fall back, loudly
+        warnings.warn(
+            f"WikiText-2 is not available ({type(exc).__name__}: {exc}); using Python's bundled "
+            "documentation text (pydoc_data.topics) instead. Numbers will not be comparable to "
+            "WikiText-2 results: set SVDKERN_DATA_DIR or go online."
+        )
+        return offline_english_text()
+
+
+def offline_english_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token sequence (1-D LongTensor)."""
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def token_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows starting at torch.randint(0, N - seqlen, generator seed) (dev protocol)."""
+    check_window_args(nsamples, seqlen)
+    if ids.numel() <= seqlen:
+        raise DataError(f"calibration text has {ids.numel()} tokens, too few for seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def svd_llm_windows(text: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The official SVD-LLM sampler: character offsets, 10*seqlen chars, first seqlen tokens."""
+    check_window_args(nsamples, seqlen)
+    rng = random.Random(seed)
+    windows, tries = [], 0
+    while len(windows) < nsamples:
+        tries += 1
+        if tries > 100 * nsamples or len(text) <= seqlen + 1:
+            raise DataError(f"text too short to draw {nsamples} windows of {seqlen} tokens")
+        i = rng.randint(0, len(text) - seqlen - 1)
+        ids = tokenizer(text[i:i + 10 * seqlen], verbose=False)["input_ids"]
+        if len(ids) >= seqlen:
+            windows.append(torch.tensor(ids[:seqlen], dtype=torch.long))
+    return torch.stack(windows)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows (remainder dropped), optionally the first `windows`."""
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2 to predict a token; got {seqlen}")
+    count = ids.numel() // seqlen
+    if count == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if windows is not None:
+        if windows < 1:
+            raise DataError(f"windows must be at least 1; got {windows}")
+        count = min(count, windows)
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+def calibration_windows(tokenizer, source: str = "wikitext2", nsamples: int = 64,
+                        seqlen: int = 512, seed: int = 0, sampler: str = "token-windows") -> torch.Tensor:
+    """(nsamples, seqlen) token ids for calibration."""
+    text = load_text(source, "calibration")
+    if sampler == "token-windows":
+        return token_windows(tokenize(tokenizer, text), nsamples, seqlen, seed)
+    if sampler == "svd-llm":
+        return svd_llm_windows(text, tokenizer, nsamples, seqlen, seed)
+    raise DataError(f"unknown sampler {sampler!r}; use 'token-windows' or 'svd-llm'")
+
+
+def check_window_args(nsamples: int, seqlen: int) -> None:
+    if nsamples < 1:
+        raise DataError(f"nsamples must be at least 1; got {nsamples}")
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2; got {seqlen}")

@@ -1,0 +1,62 @@
+"""Perplexity on consecutive non-overlapping windows (METHODS.md §9.1) and layer-wise errors."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    windows: int
+    tokens: int
+    nonfinite_windows: int
+
+    def __str__(self):
+        extra = f", {self.nonfinite_windows} non-finite windows excluded" if self.nonfinite_windows else ""
+        return f"perplexity {self.ppl:.3f} over {self.windows} windows ({self.tokens} predicted tokens{extra})"
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device=None,
+               progress: bool = True) -> PerplexityResult:
+    """exp(mean NLL of every predicted token), fp32 logits; non-finite windows counted apart."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    total, tokens, bad = 0.0, 0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+        ids = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
+        per_window = nll.sum(1)
+        finite = torch.isfinite(per_window)
+        bad += int((~finite).sum())
+        total += float(per_window[finite].sum())
+        tokens += int(finite.sum()) * (ids.shape[1] - 1)
+    if tokens == 0:
+        return PerplexityResult(math.nan, math.nan, len(windows), 0, bad)
+    mean = total / tokens
+    return PerplexityResult(math.exp(mean), mean, len(windows), tokens, bad)
+
+
+@torch.no_grad()
+def layer_output_errors(reference_model, model, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """‖h_l − h_l^ref‖_F / ‖h_l^ref‖_F of each decoder layer's output over `windows`."""
+    num, den = None, None
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start:start + batch_size]
+        ref = reference_model.base_model(input_ids=ids.to(reference_model.device), use_cache=False,
+                                         output_hidden_states=True).hidden_states[1:]
+        out = model.base_model(input_ids=ids.to(model.device), use_cache=False,
+                               output_hidden_states=True).hidden_states[1:]
+        # the last entry is after the final norm in HF; compare what each layer emits up to it
+        d = [float(((o.double() - r.double().to(o.device)) ** 2).sum()) for o, r in zip(out, ref)]
+        r2 = [float((r.double() ** 2).sum()) for r in ref]
+        num = d if num is None else [a + b for a, b in zip(num, d)]
+        den = r2 if den is None else [a + b for a, b in zip(den, r2)]
+    return [math.sqrt(a / b) for a, b in zip(num, den)]

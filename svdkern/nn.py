@@ -1,0 +1,57 @@
+"""LowRankLinear: a drop-in for nn.Linear that stores W ≈ U V and computes U(Vx) + b."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import use_triton_lowrank
+
+
+class LowRankLinear(nn.Module):
+    """y = U (V x) + b with U (out_features × rank) and V (rank × in_features).
+
+    The eager forward calls the Triton launcher directly on CUDA (no dispatcher overhead at
+    decode); with autograd active it uses two F.linear calls so gradients flow (fine-tuning).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1; got {rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype=None) -> "LowRankLinear":
+        if U.shape[1] != V.shape[0]:
+            raise ValueError(f"U {tuple(U.shape)} and V {tuple(V.shape)} disagree on the rank")
+        dtype = dtype or U.dtype
+        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, U.device, dtype)
+        with torch.no_grad():
+            layer.U.copy_(U)
+            layer.V.copy_(V)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.U.requires_grad):
+            return F.linear(F.linear(x, self.V), self.U, self.bias)
+        if use_triton_lowrank(x):
+            from .backends.triton_lowrank import lowrank_linear
+
+            return lowrank_linear(x, self.U, self.V, self.bias)
+        return F.linear(F.linear(x, self.V), self.U, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")

@@ -1,0 +1,1 @@
+"""Per-matrix math: whitening, the factorization engine, ACES, ranks."""

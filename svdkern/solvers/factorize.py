@@ -1,0 +1,73 @@
+"""The per-matrix engine every method shares (METHODS.md §7b).
+
+target G = W P + β W Δ P⁻ᵀ  →  SVD  →  keep r_i = k − r_r  →  U = Ũ√σ, V = √σ Ṽᵀ P⁻¹
+optionally followed by ERC's residual stage: plain SVD of W − U V at rank r_r, concatenated.
+
+β = 0 is SVD-LLM / SC-SVD-LLM, fixed β is EP-SVD-LLM (α) / CEALC, per-matrix β is ACES.
+Whitener None means plain truncated SVD of W (the floor baseline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .whiten import Whitener
+
+
+@dataclass
+class TargetSVD:
+    """SVD of the whitened target, kept so a rank can be chosen (or re-chosen) later."""
+
+    U: torch.Tensor   # (m, r) left singular vectors
+    S: torch.Tensor   # (r,) singular values, descending
+    Vh: torch.Tensor  # (r, n) right singular vectors of the whitened target
+
+
+def target(W: torch.Tensor, wh: Whitener | None, delta: torch.Tensor | None = None,
+           beta: float = 0.0) -> torch.Tensor:
+    """G(β) = W P + β·W Δ P⁻ᵀ (float64); W itself when there is no whitening."""
+    W = W.to(torch.float64)
+    if wh is None:
+        return W
+    G = W @ wh.P
+    if delta is not None and beta != 0.0:
+        G = G + beta * wh.right_inv_t(W @ delta.to(torch.float64))
+    return G
+
+
+def svd_of(G: torch.Tensor, svd_dtype: torch.dtype = torch.float64) -> TargetSVD:
+    U, S, Vh = torch.linalg.svd(G.to(svd_dtype), full_matrices=False)
+    return TargetSVD(U.double(), S.double(), Vh.double())
+
+
+def factors_from_svd(W: torch.Tensor, svd: TargetSVD, wh: Whitener | None, rank: int,
+                     residual: int = 0, svd_dtype: torch.dtype = torch.float64):
+    """Factors (U: m×rank, V: rank×n, float64) from a target SVD, with an optional REC stage.
+
+    Stage 1 keeps rank − residual whitened components; stage 2 fits the weight-space residual
+    W − U₁V₁ with a plain SVD at `residual` components (ERC-SVD, METHODS.md §6.1).
+    """
+    k1 = rank - residual
+    if k1 < 1:
+        raise ValueError(f"stage-1 rank must be >= 1 (rank {rank}, residual {residual})")
+    root = svd.S[:k1].sqrt()
+    U1 = svd.U[:, :k1] * root
+    V1 = root[:, None] * svd.Vh[:k1]
+    if wh is not None:
+        V1 = wh.right_inv(V1)
+    if residual == 0:
+        return U1, V1
+    R = W.to(torch.float64) - U1 @ V1
+    Ur, Sr, Vhr = torch.linalg.svd(R.to(svd_dtype), full_matrices=False)
+    root_r = Sr[:residual].double().sqrt()
+    U2 = Ur[:, :residual].double() * root_r
+    V2 = root_r[:, None] * Vhr[:residual].double()
+    return torch.cat([U1, U2], dim=1), torch.cat([V1, V2], dim=0)
+
+
+def factorize(W: torch.Tensor, wh: Whitener | None, rank: int, delta: torch.Tensor | None = None,
+              beta: float = 0.0, residual: int = 0, svd_dtype: torch.dtype = torch.float64):
+    """Rank-`rank` factors of W minimizing the whitened (CEALC) objective; see module doc."""
+    svd = svd_of(target(W, wh, delta, beta), svd_dtype)
+    return factors_from_svd(W, svd, wh, rank, residual, svd_dtype)

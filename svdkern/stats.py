@@ -1,0 +1,75 @@
+"""Calibration statistics per input group, streamed one micro-batch at a time.
+
+One Gram matrix per distinct input (q/k/v share one; gate/up share one), accumulated in fp32
+with TF32 off, lower triangle only (METHODS.md §1.2). The two-stream methods add the cross
+term Δ = Σ δᵀx̂ with δ = x_fp − x̂, accumulated from δ directly: X_f ≈ X̂ early in the model,
+and the difference of two large Gram matrices would cancel catastrophically in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ops import cross_accumulate, gram_accumulate
+from .solvers.whiten import symmetrize
+
+
+class ActivationNotFiniteError(ValueError):
+    """Calibration activations hold NaN/Inf."""
+
+
+def check_finite_activations(x: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ActivationNotFiniteError(
+            f"calibration activations at {where} contain NaN or Inf; the model overflows on this "
+            "data in its current dtype. Load it in float32 (or bfloat16), or check the input text."
+        )
+
+
+class GramStats:
+    """H = Σ xᵀx (lower triangle) and the token count for one input group."""
+
+    def __init__(self, n: int, device=None, dtype=torch.float32, name: str = "input"):
+        self.H = torch.zeros(n, n, device=device, dtype=dtype)
+        self.count = 0
+        self.name = name
+
+    def add(self, x: torch.Tensor) -> None:
+        check_finite_activations(x, self.name)
+        x = x.reshape(-1, x.shape[-1])
+        with _no_tf32():
+            gram_accumulate(self.H, x)
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """H̄ = H/N, full and symmetric, float64."""
+        if self.count == 0:
+            raise RuntimeError(f"no calibration tokens reached {self.name}")
+        return symmetrize(self.H.double()) / self.count
+
+
+class CrossStats:
+    """Δ = Σ δᵀx̂ (every entry) for one input group of the two-stream methods."""
+
+    def __init__(self, n: int, device=None, dtype=torch.float32, name: str = "input"):
+        self.D = torch.zeros(n, n, device=device, dtype=dtype)
+        self.count = 0
+        self.name = name
+
+    def add(self, x_fp: torch.Tensor, x_hat: torch.Tensor) -> None:
+        check_finite_activations(x_fp, self.name)
+        delta = (x_fp.float() - x_hat.float()).reshape(-1, x_hat.shape[-1])
+        with _no_tf32():
+            cross_accumulate(self.D, delta, x_hat.reshape(-1, x_hat.shape[-1]))
+        self.count += delta.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.D.double() / self.count
+
+
+class _no_tf32:
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved

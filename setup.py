@@ -22,10 +22,12 @@ def cuda_extension():
         return [], "this PyTorch is a CPU build"
     if CUDA_HOME is None:
         return [], "no CUDA toolkit (nvcc) found"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # bf16 tensor cores need sm_80
     ext = CUDAExtension(
         "svdkern._C",
         ["csrc/bindings.cpp", "csrc/gram.cu", "csrc/whiten.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return [ext], BuildExtension
 

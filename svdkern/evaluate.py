@@ -44,19 +44,30 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device=None,
     return PerplexityResult(math.exp(mean), mean, len(windows), tokens, bad)
 
 
+def _layer_outputs(model, ids) -> list[torch.Tensor]:
+    from .models import decoder_layers
+
+    outs, handles = [], []
+    for layer in decoder_layers(model):
+        handles.append(layer.register_forward_hook(
+            lambda _m, _a, out: outs.append((out[0] if isinstance(out, tuple) else out).double())))
+    try:
+        model.base_model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
 @torch.no_grad()
 def layer_output_errors(reference_model, model, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
     """‖h_l − h_l^ref‖_F / ‖h_l^ref‖_F of each decoder layer's output over `windows`."""
-    num, den = None, None
+    num = den = None
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size]
-        ref = reference_model.base_model(input_ids=ids.to(reference_model.device), use_cache=False,
-                                         output_hidden_states=True).hidden_states[1:]
-        out = model.base_model(input_ids=ids.to(model.device), use_cache=False,
-                               output_hidden_states=True).hidden_states[1:]
-        # the last entry is after the final norm in HF; compare what each layer emits up to it
-        d = [float(((o.double() - r.double().to(o.device)) ** 2).sum()) for o, r in zip(out, ref)]
-        r2 = [float((r.double() ** 2).sum()) for r in ref]
+        ref, out = _layer_outputs(reference_model, ids), _layer_outputs(model, ids)
+        d = [float(((o - r.to(o.device)) ** 2).sum()) for o, r in zip(out, ref)]
+        r2 = [float((r ** 2).sum()) for r in ref]
         num = d if num is None else [a + b for a, b in zip(num, d)]
         den = r2 if den is None else [a + b for a, b in zip(den, r2)]
     return [math.sqrt(a / b) for a, b in zip(num, den)]

@@ -43,6 +43,8 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.U.requires_grad):
             return F.linear(F.linear(x, self.V), self.U, self.bias)
+        if torch.compiler.is_compiling():  # an opaque op (with its fake) for graphs and inductor
+            return torch.ops.svdkern.lowrank_linear(x, self.U, self.V, self.bias)
         if use_triton_lowrank(x):
             from .backends.triton_lowrank import lowrank_linear
 

@@ -1,13 +1,17 @@
 """The optional compiled extension (csrc/): CUDA kernels for gram/cross accumulation and
-batched Cholesky whitening, registered under the svdkern:: ops for the CUDA dispatch key."""
+batched Cholesky whitening, registered under the svdkern:: ops for the CUDA dispatch key.
+SVDKERN_CUDA_EXT=0 leaves it unloaded (the PyTorch fallbacks then serve CUDA tensors too)."""
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
+    if os.environ.get("SVDKERN_CUDA_EXT", "1") == "0":
+        return None, ImportError("disabled by SVDKERN_CUDA_EXT=0")
     try:
         return importlib.import_module("svdkern._C"), None
     except ImportError as exc:

@@ -3,7 +3,8 @@
 One NT-GEMM kernel, C = A·Bᵀ (+ bias), serves both steps of both regimes:
 
 * decode (T ≤ DECODE_MAX_TOKENS, memory-bound): the shrink t = x·Vᵀ is split over n (SPLIT_K
-  programs per tile, fp32 atomics into a (T, k) workspace that stays in L2), then the expand
+  programs per tile, fp32 atomics into a (T, k) workspace that stays in L2; without split-K, and
+  so bit-reproducible, under torch.use_deterministic_algorithms(True)), then the expand
   y = t·Uᵀ + b reads t in fp32 with the whole rank per program and adds the bias in its epilogue;
 * prefill: two tiled tensor-core GEMMs with grouped program order for L2 reuse, t kept in the
   input dtype (as two unfused matmuls keep it), bias fused into the second epilogue.
@@ -108,7 +109,8 @@ def _launch(regime: str, a, b, c, bias, split_default: int):
         _matmul_nt_kernel[grid(meta)](*args, HAS_BIAS=bias is not None, IEEE=ieee, **meta)
         return
     if regime not in _tuned_kernels:
-        configs = {"shrink": _SHRINK_DECODE, "expand": _EXPAND_DECODE, "prefill": _PREFILL}[regime]
+        configs = {"shrink": _SHRINK_DECODE, "shrink_deterministic": _EXPAND_DECODE,
+                   "expand": _EXPAND_DECODE, "prefill": _PREFILL}[regime]
         _tuned_kernels[regime] = triton.autotune(
             configs, key=["M", "N", "K"], reset_to_zero=["c_ptr"] if regime == "shrink" else None,
         )(_matmul_nt_kernel)
@@ -150,7 +152,10 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias=None)
         return y.reshape(*lead, m)
     if T <= DECODE_MAX_TOKENS:
         t = torch.zeros(T, k, device=x.device, dtype=torch.float32)
-        _launch("shrink", x2, V, t, None, split_default=3)
+        if torch.are_deterministic_algorithms_enabled():  # no atomics: bit-reproducible
+            _launch("shrink_deterministic", x2, V, t, None, split_default=1)
+        else:
+            _launch("shrink", x2, V, t, None, split_default=3)
         _launch("expand", t, U, y, bias, split_default=1)
     else:
         t = torch.empty(T, k, device=x.device, dtype=x.dtype)

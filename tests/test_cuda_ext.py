@@ -1,0 +1,73 @@
+"""The compiled CUDA ops against the PyTorch fallback and the fp64 oracle (GPU only).
+
+On CPU machines these skip; CI still compiles csrc/ with nvcc (`.ci/run`, CMakeLists.txt).
+"""
+import pytest
+import torch
+
+import svdkern
+from svdkern.backends import torch_ops
+from svdkern.reference import cross_ref, damped_cholesky_ref, gram_ref
+from svdkern.solvers.whiten import NotPositiveDefiniteError, symmetrize
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and svdkern.has_cuda_ext()),
+                                reason="needs a CUDA GPU and the compiled extension")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("tokens,n", [(1, 1), (37, 17), (1000, 130), (2049, 577)])
+def test_gram_kernel_matches_fallback_and_oracle(dtype, acc, tokens, n):
+    X = torch.randn(tokens, n, device="cuda").to(dtype)
+    H = torch.zeros(n, n, device="cuda", dtype=acc)
+    svdkern.gram_accumulate(H, X)
+    H_fb = torch.zeros(n, n, device="cuda", dtype=acc)
+    torch_ops.gram_accumulate(H_fb, X)
+    ref = gram_ref(X.cpu())
+    err = (symmetrize(H.double()).cpu() - ref).abs().max()
+    err_fb = (symmetrize(H_fb.double()).cpu() - ref).abs().max()
+    assert err <= 2 * err_fb + 1e-6 * ref.abs().max()
+
+
+def test_cross_kernel_matches_oracle():
+    d, X = torch.randn(2, 300, 129, device="cuda").bfloat16().unbind(0)
+    D = torch.zeros(129, 129, device="cuda")
+    svdkern.cross_accumulate(D, d, X)
+    ref = cross_ref(d.cpu(), X.cpu())
+    assert (D.double().cpu() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n", [7, 130, 1025])
+def test_whiten_kernel_matches_oracle_and_damps_per_member(n):
+    X = torch.randn(3, 2 * n + 3, n, device="cuda", dtype=torch.float64)
+    H = X.transpose(1, 2) @ X
+    H[2] = H[2][:, :1] @ H[2][:1, :]  # rank one: needs damping
+    L, damp = svdkern.cholesky_whiten(H, 1e-6)
+    assert damp[0] == 1e-6 and damp[1] == 1e-6 and (n == 1 or damp[2] > 1e-6)
+    for i in range(3):
+        torch.testing.assert_close(L[i].cpu(), damped_cholesky_ref(H[i].cpu(), float(damp[i])), rtol=1e-8, atol=1e-8)
+
+
+def test_whiten_kernel_raises_when_hopeless():
+    with pytest.raises((NotPositiveDefiniteError, RuntimeError), match="non-positive-definite"):
+        svdkern.cholesky_whiten(-torch.eye(5, device="cuda", dtype=torch.float64))
+
+
+def test_opcheck_on_cuda():
+    X = torch.randn(40, 33, device="cuda")
+    torch.library.opcheck(torch.ops.svdkern.gram_accumulate.default, (torch.zeros(33, 33, device="cuda"), X))
+    torch.library.opcheck(torch.ops.svdkern.cross_accumulate.default, (torch.zeros(33, 33, device="cuda"), X, X.flip(0)))
+    H = (X.T @ X).double() + torch.eye(33, device="cuda", dtype=torch.float64)
+    torch.library.opcheck(torch.ops.svdkern.cholesky_whiten.default, (H, 1e-6, 1e-2))
+
+
+def test_pipeline_on_gpu_matches_cpu_fallback(windows):
+    from conftest import tiny_model
+
+    gpu, cpu = tiny_model("llama", seed=7).cuda(), tiny_model("llama", seed=7)
+    quiet = dict(progress=False, log=lambda *_: None)
+    svdkern.compress(gpu, "ep-svd-llm", 0.3, calib=windows, **quiet)
+    svdkern.compress(cpu, "ep-svd-llm", 0.3, calib=windows, **quiet)
+    with torch.no_grad():
+        a, b = gpu(windows.cuda()).logits.cpu(), cpu(windows).logits
+    assert float((a - b).norm() / b.norm()) < 1e-3

@@ -1,0 +1,154 @@
+"""The fused low-rank kernels against the float64 reference (the interpreter on CPU CI).
+
+Error budget (flash-attention's rule): no worse than twice what PyTorch's own two-matmul path
+loses in the same dtype, plus a small absolute floor for near-zero outputs.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import svdkern
+from svdkern.reference import lowrank_linear_ref
+
+triton = pytest.importorskip("triton")
+from svdkern.backends import triton_lowrank  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def make(T, n, m, k, dtype, seed=0, bias=True, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, T, n, generator=g)
+    V = torch.randn(k, n, generator=g) / n ** 0.5
+    U = torch.randn(m, k, generator=g) / k ** 0.5
+    b = torch.randn(m, generator=g) if bias else None
+    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return to(x), to(U), to(V), to(b)
+
+
+def torch_same_dtype(x, U, V, b):
+    return F.linear(F.linear(x, V), U, b)
+
+
+def assert_within_torch_error(y, x, U, V, b):
+    ref = lowrank_linear_ref(x.cpu(), U.cpu(), V.cpu(), None if b is None else b.cpu())
+    err = (y.double().cpu() - ref).abs().max().item()
+    base = (torch_same_dtype(x, U, V, b).double().cpu() - ref).abs().max().item()
+    floor = 1e-6 if x.dtype == torch.float32 else 1e-3
+    assert err <= 2 * base + floor * ref.abs().max().item(), (err, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 3, 17, 130])
+@pytest.mark.parametrize("k", [1, 17, 100])
+def test_matches_reference_on_awkward_shapes(dtype, T, k):
+    x, U, V, b = make(T, 67, 45, k, dtype, seed=T * 1000 + k)
+    y = triton_lowrank.lowrank_linear(x, U, V, b)
+    assert y.shape == (T, 45) and y.dtype == dtype
+    assert_within_torch_error(y, x, U, V, b)
+
+
+@pytest.mark.parametrize("T", [2, 40])
+def test_leading_dims_no_bias_and_strided_inputs(T):
+    x, U, V, _ = make(T, 33, 29, 9, torch.float32, lead=(2,), bias=False)
+    y = triton_lowrank.lowrank_linear(x, U, V)
+    assert y.shape == (2, T, 29)
+    assert_within_torch_error(y, x, U, V, None)
+    # non-contiguous: a transposed view of x, and factors that are views of wider storage
+    xt = x.transpose(0, 1)
+    Uw = torch.cat([U, U], dim=1)[:, ::2]
+    y2 = triton_lowrank.lowrank_linear(xt, Uw, V)
+    assert_within_torch_error(y2, xt, Uw, V, None)
+
+
+def test_rec_concatenated_factors_are_one_rank():
+    x, U1, V1, b = make(5, 40, 30, 7, torch.float32)
+    _, U2, V2, _ = make(5, 40, 30, 3, torch.float32, seed=1)
+    U, V = torch.cat([U1, U2], 1), torch.cat([V1, V2], 0)
+    y = triton_lowrank.lowrank_linear(x, U, V, b)
+    expected = F.linear(F.linear(x, V1), U1, b) + F.linear(F.linear(x, V2), U2)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, U, V: (x.double(), U.double(), V.double()), "fp16, bf16 and fp32"),
+    (lambda x, U, V: (x, U.half(), V), "share one dtype"),
+    (lambda x, U, V: (x, U, V[:, :-1]), "features"),
+    (lambda x, U, V: (x, U[:, :-1], V), "U \\(m, k\\) and V \\(k, n\\)"),
+])
+def test_bad_inputs_are_rejected(bad, match):
+    x, U, V, _ = make(3, 16, 8, 4, torch.float32, bias=False)
+    with pytest.raises((TypeError, ValueError), match=match):
+        triton_lowrank.lowrank_linear(*bad(x, U, V))
+
+
+def test_op_and_layer_dispatch_to_triton_when_forced(monkeypatch):
+    monkeypatch.setenv("SVDKERN_IMPL", "triton")
+    x, U, V, b = make(4, 24, 20, 5, torch.float32)
+    calls = []
+    real = triton_lowrank.lowrank_linear
+    monkeypatch.setattr(triton_lowrank, "lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    y_op = svdkern.lowrank_linear(x, U, V, b)
+    layer = svdkern.LowRankLinear.from_factors(U, V, b)
+    with torch.no_grad():
+        y_layer = layer(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y_op, y_layer)
+    assert_within_torch_error(y_op, x, U, V, b)
+
+
+def test_torch_compile_traces_the_op():
+    x, U, V, b = make(3, 24, 20, 5, torch.float32)
+    fn = torch.compile(lambda *a: svdkern.lowrank_linear(*a) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x, U, V, b), 2 * svdkern.lowrank_linear(x, U, V, b))
+
+
+# ------------------------------------------------------------------ GPU only
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 2048])
+@pytest.mark.parametrize("m,n,k", [(4096, 4096, 1229), (11008, 4096, 1791), (4096, 11008, 1791)])
+def test_gpu_large_bf16(T, m, n, k):
+    x, U, V, b = make(T, n, m, k, torch.bfloat16)
+    assert_within_torch_error(triton_lowrank.lowrank_linear(x, U, V, b), x, U, V, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 8, 300])
+def test_gpu_cuda_graph_replay_and_determinism(T):
+    x, U, V, b = make(T, 1024, 768, 200, torch.bfloat16)
+    triton_lowrank.lowrank_linear(x, U, V, b)  # autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_lowrank.lowrank_linear(x, U, V, b)
+    graph.replay()
+    first = y.clone()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    eager = triton_lowrank.lowrank_linear(x, U, V, b)
+    if T > triton_lowrank.DECODE_MAX_TOKENS:  # no atomics in prefill: bit-exact
+        assert torch.equal(y, first) and torch.equal(eager, first)
+    else:  # split-K atomics: order-dependent fp32 sums, within rounding of one another
+        torch.testing.assert_close(y, first, rtol=1e-2, atol=1e-2)
+    assert_within_torch_error(first, x, U, V, b)
+
+
+@needs_cuda
+def test_gpu_deterministic_decode_is_bit_exact():
+    x, U, V, b = make(4, 2048, 1536, 300, torch.bfloat16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = triton_lowrank.lowrank_linear(x, U, V, b)
+        assert all(torch.equal(triton_lowrank.lowrank_linear(x, U, V, b), first) for _ in range(5))
+        # batch invariance: a token's output does not depend on its neighbours
+        assert torch.equal(triton_lowrank.lowrank_linear(x[:1], U, V, b), first[:1])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_within_torch_error(first, x, U, V, b)

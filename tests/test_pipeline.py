@@ -1,0 +1,167 @@
+"""The layer-by-layer driver: every method runs, streams behave, budgets hold, runs resume."""
+import pytest
+import torch
+
+import svdkern
+from svdkern.models import architecture_of
+from svdkern.pipeline import compress_model
+from svdkern.presets import PRESETS, config_for
+from svdkern.stats import ActivationNotFiniteError
+
+from conftest import tiny_model
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def factors(model):
+    return {n: (m.U.detach().clone(), m.V.detach().clone()) for n, m in model.named_modules()
+            if isinstance(m, svdkern.LowRankLinear)}
+
+
+def output_error(model, dense, windows):
+    with torch.no_grad():
+        a, b = model(windows).logits, dense(windows).logits
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_every_method_runs_and_removes_the_budget(method, windows):
+    model = tiny_model("llama", seed=1)
+    svdkern.compress(model, method, 0.4, calib=windows, **QUIET)
+    report = model._svdkern_report
+    assert report.block_ratio >= 0.4 - 1e-9
+    # floor() of ranks removes at most one rank's worth per matrix beyond the budget
+    slack = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, svdkern.LowRankLinear))
+    assert report.block_params_after >= (1 - 0.4) * report.block_params_before - slack
+
+
+def test_whitening_beats_plain_svd_and_sequential_methods_differ(windows):
+    dense = tiny_model("llama", seed=2)
+    errors, got = {}, {}
+    for method in ("svd", "svd-llm", "sc-svd-llm", "ep-svd-llm"):
+        model = tiny_model("llama", seed=2)
+        svdkern.compress(model, method, 0.5, calib=windows, **QUIET)
+        errors[method] = output_error(model, dense, windows)
+        got[method] = factors(model)
+    assert errors["svd-llm"] < errors["svd"]
+    key = "model.layers.1.self_attn.q_proj"
+    assert not torch.allclose(got["sc-svd-llm"][key][0], got["svd-llm"][key][0])
+    # the first group of layer 0 sees identical inputs in every stream
+    k0 = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(got["sc-svd-llm"][k0][1], got["svd-llm"][k0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_two_streams_with_beta_zero_equal_sc(windows):
+    a, b = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
+    compress_model(a, windows, config_for("sc-svd-llm", 0.3), **QUIET)
+    compress_model(b, windows, config_for("ep-svd-llm", 0.3, beta=0.0), **QUIET)
+    fa, fb = factors(a), factors(b)
+    for name in fa:
+        torch.testing.assert_close(fa[name][0] @ fa[name][1], fb[name][0] @ fb[name][1], rtol=1e-5, atol=1e-6)
+
+
+def test_saes_picks_betas_in_range(windows):
+    model = tiny_model("llama", seed=4)
+    svdkern.compress(model, "saes-svd", 0.3, calib=windows, aces_range=(0.3, 0.6), **QUIET)
+    betas = model._svdkern_report.betas
+    assert len(betas) == 14 and all(0.3 <= b <= 0.6 for b in betas.values())
+
+
+def test_plc_compresses_only_the_last_layers_exactly(windows):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=48, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    logs = []
+    svdkern.compress(model, "erc-svd", 0.2, calib=windows % 64, plc_step=1, progress=False, log=logs.append)
+    plc = model._svdkern_report.plc
+    assert set(plc["errors"]) == {1, 2, 3, 4}  # layer ratio 0.8/k stays <= 0.94 for every k
+    assert sum("final-layer relative error" in line for line in logs) == len(plc["errors"])
+    k = plc["layers"]
+    assert plc["errors"][k] == min(plc["errors"].values())
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        compressed = isinstance(layer.self_attn.q_proj, svdkern.LowRankLinear)
+        assert compressed == (i >= len(layers) - k)
+    report = model._svdkern_report
+    assert report.block_ratio >= 0.2
+    slack = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, svdkern.LowRankLinear))
+    assert report.block_params_after >= 0.8 * report.block_params_before - slack
+    from svdkern.solvers.rank import residual_rank
+
+    for name, rr in report.residual_ranks.items():
+        m = model.get_submodule("model.layers." + name)
+        assert rr == residual_rank(m.out_features, m.in_features, m.rank, 0.05)
+    assert max(report.residual_ranks.values()) >= 1
+
+
+def test_nan_activations_are_reported(windows):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(ActivationNotFiniteError, match="NaN or Inf"):
+        svdkern.compress(model, "svd-llm", 0.3, calib=windows, **QUIET)
+
+
+def test_too_few_calibration_tokens(windows):
+    with pytest.raises(ValueError, match="fewer than the widest layer input"):
+        svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows[:2, :10], **QUIET)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm"])
+def test_interrupted_run_resumes_to_the_same_result(method, windows, tmp_path, monkeypatch):
+    reference = tiny_model("llama", seed=5)
+    svdkern.compress(reference, method, 0.3, calib=windows, **QUIET)
+
+    import svdkern.pipeline as pipeline
+
+    model = tiny_model("llama", seed=5)
+    real_save = pipeline.Checkpoint.save
+
+    def save_then_stop(self, index, *args):
+        real_save(self, index, *args)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"), **QUIET)
+    monkeypatch.setattr(pipeline.Checkpoint, "save", real_save)
+    logs = []
+    fresh = tiny_model("llama", seed=5)
+    svdkern.compress(fresh, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"),
+                     progress=False, log=logs.append)
+    assert any("resuming" in line and "layer 1" in line for line in logs)
+    ref, got = factors(reference), factors(fresh)
+    for name in ref:
+        torch.testing.assert_close(got[name][0], ref[name][0])
+        torch.testing.assert_close(got[name][1], ref[name][1])
+    assert not (tmp_path / "ck").exists()
+
+
+def test_resume_refuses_other_settings(windows, tmp_path, monkeypatch):
+    import svdkern.pipeline as pipeline
+
+    real_save = pipeline.Checkpoint.save
+
+    def save_then_stop(self, index, *args):
+        real_save(self, index, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
+    monkeypatch.setattr(pipeline.Checkpoint, "save", real_save)
+    with pytest.raises(RuntimeError, match="other settings"):
+        svdkern.compress(tiny_model("llama"), "svd-llm", 0.5, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown method"):
+        config_for("nope", 0.2)
+    with pytest.raises(ValueError, match="stream='both'"):
+        config_for("svd-llm", 0.2, beta=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        config_for("ep-svd-llm", 0.2, beta=1.5)

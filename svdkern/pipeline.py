@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,9 +159,10 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
         rr = residual_rank(m, n, rank, cfg.residual_beta)
         beta = cfg.beta
         if cfg.aces:
-            base = svd_of(target(W, wh), cfg.svd_dtype)
+            S = target(W, wh)
             D = wh.right_inv_t(W.double() @ delta)
-            beta = aces_beta(aces_coefficients(target(W, wh), D, rank - rr, base), cfg.aces_range)
+            coef = aces_coefficients(S, D, rank - rr, svd_of(S, cfg.svd_dtype))
+            beta = aces_beta(coef, cfg.aces_range)
         if delta is not None:
             report.betas[prefix + name] = beta
         svd = svd_of(target(W, wh, delta, beta), cfg.svd_dtype)
@@ -222,6 +222,14 @@ class Checkpoint:
                 install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
         streams = torch.load(os.path.join(self.dir, "streams.pt"), weights_only=True)
         return progress["next_layer"], streams
+
+    def remove(self) -> None:
+        """Delete what this run wrote (never anything else in the directory)."""
+        for name in os.listdir(self.dir):
+            if name.startswith("layer_") or name in ("streams.pt", "progress.json"):
+                os.remove(os.path.join(self.dir, name))
+        if not os.listdir(self.dir):
+            os.rmdir(self.dir)
 
     def save(self, index: int, layer, arch: Architecture, streams: dict) -> None:
         from safetensors.torch import save_file
@@ -289,14 +297,14 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             else:
                 ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
                 _uniform(layers, arch, cfg, report, inputs, device, offload, progress, ckpt, log)
+                if ckpt is not None:
+                    ckpt.remove()
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     report.block_params_after = block_linear_params(layers, arch)
     report.model_params_after = sum(p.numel() for p in model.parameters())
     model._svdkern_report = report
-    if checkpoint_dir and os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)
     return report
 
 
@@ -383,13 +391,14 @@ def _plc(layers, arch, cfg, report, inputs: LayerInputs, device, offload, progre
     N = len(layers)
     candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
     first_needed = N - max(candidates)
+    starts = {N - k for k in candidates}
     nb = len(inputs.hidden)
     search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
     # One FP pass: Gram matrices of every layer, FP inputs where a candidate starts, FP output.
     grams, fp_at = [], {}
     hidden = inputs.hidden
     for i in tqdm(range(N), desc="fp statistics", disable=not progress):
-        if i >= first_needed:
+        if i in starts:
             fp_at[i] = hidden[:search_batches]
         layer = layers[i].to(device)
         stats, handles = _hook_group_grams(layer, arch, device, f"{i}.")

@@ -152,3 +152,21 @@ def test_gpu_deterministic_decode_is_bit_exact():
     finally:
         torch.use_deterministic_algorithms(False)
     assert_within_torch_error(first, x, U, V, b)
+
+
+def test_generate_runs_through_the_kernels(monkeypatch, windows):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    svdkern.compress(model, "svd", 0.3, progress=False)
+    prompt = windows[:1, :5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    monkeypatch.setenv("SVDKERN_IMPL", "torch")
+    expected = model.generate(prompt, **kwargs)
+    monkeypatch.setenv("SVDKERN_IMPL", "triton")
+    calls = []
+    real = triton_lowrank.lowrank_linear
+    monkeypatch.setattr(triton_lowrank, "lowrank_linear", lambda *a: calls.append(a[0].shape[:-1].numel()) or real(*a))
+    got = model.generate(prompt, **kwargs)
+    assert torch.equal(got, expected)
+    assert 5 in calls and 1 in calls  # the prefill and the one-token decode steps

@@ -165,3 +165,9 @@ def test_config_validation():
         config_for("svd-llm", 0.2, beta=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         config_for("ep-svd-llm", 0.2, beta=1.5)
+
+
+def test_checkpoint_cleanup_leaves_other_files(windows, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -355,13 +355,14 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
                 for group, st in zip(arch.groups, stats):
                     compress_group(layer, group, st.mean(), cfg, cfg.ratio, report, prefix)
             else:
-                original = copy.deepcopy(layer) if cfg.stream == "both" else None
-                for group in arch.groups:
-                    H, delta = _group_stats(layer, original, group[0], streams, kwargs, device, prefix)
+                fp_inputs = None
+                if cfg.stream == "both":
+                    original = copy.deepcopy(layer)
+                    fp_inputs, streams["fp"] = _fp_group_inputs(original, arch, streams["fp"], kwargs,
+                                                                device, offload, cfg.fp_cache_bytes)
+                for g, group in enumerate(arch.groups):
+                    H, delta = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs, device, prefix)
                     compress_group(layer, group, H, cfg, cfg.ratio, report, prefix, delta)
-                if original is not None:
-                    streams["fp"] = _propagate(original, streams["fp"], kwargs, device, offload)
-                    del original
                 streams["compressed"] = _propagate(layer, streams["compressed"], kwargs, device, offload)
             layers[i] = layer.to(offload) if offload != device else layer
             if ckpt is not None:
@@ -373,16 +374,57 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
             raise
 
 
-def _group_stats(layer, original, lead: str, streams: dict, kwargs: list, device, prefix):
-    """Ĥ (and Δ when an original copy runs beside) for one group, on the compressed stream."""
+class _Recompute:
+    """FP group inputs recomputed on demand (early-exit passes) when caching would not fit."""
+
+    def __init__(self, original, arch, hidden, kwargs, device):
+        self.original, self.arch, self.hidden, self.kwargs, self.device = original, arch, hidden, kwargs, device
+
+    def get(self, group: int, batch: int):
+        lead = self.arch.groups[group][0]
+        return input_of(self.original, lead, self.hidden[batch].to(self.device), self.kwargs[batch])
+
+
+class _Cached:
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def get(self, group: int, batch: int):
+        return self.inputs[group][batch]
+
+
+def _fp_group_inputs(original, arch, hidden, kwargs, device, offload, budget_bytes):
+    """(source of the FP stream's group inputs, the FP stream after this layer).
+
+    One pass of the original layer both propagates the FP stream and, when the inputs of all
+    groups fit in `budget_bytes`, records them, so no FP pass is repeated per group.
+    """
+    tokens = sum(h.shape[:-1].numel() for h in hidden)
+    width = sum(original.get_submodule(g[0]).in_features for g in arch.groups)
+    if tokens * width * 4 > budget_bytes:
+        return _Recompute(original, arch, hidden, kwargs, device), _propagate(original, hidden, kwargs, device, offload)
+    inputs = [[] for _ in arch.groups]
+    handles = [original.get_submodule(g[0]).register_forward_pre_hook(
+        lambda _m, args, store=inputs[i]: store.append(args[0].detach().float().to(offload)))
+        for i, g in enumerate(arch.groups)]
+    try:
+        out = _propagate(original, hidden, kwargs, device, offload)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Cached(inputs), out
+
+
+def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: list, device, prefix):
+    """Ĥ (and Δ against the FP stream's inputs, for two streams) for group g."""
     n = layer.get_submodule(lead).in_features
     gram = GramStats(n, device, name=prefix + lead)
-    cross = CrossStats(n, device, name=prefix + lead) if original is not None else None
+    cross = CrossStats(n, device, name=prefix + lead) if fp_inputs is not None else None
     for b, kw in enumerate(kwargs):
         x_hat = input_of(layer, lead, streams["compressed"][b].to(device), kw)
         gram.add(x_hat)
         if cross is not None:
-            cross.add(input_of(original, lead, streams["fp"][b].to(device), kw), x_hat)
+            cross.add(fp_inputs.get(g, b).to(device), x_hat)
     return gram.mean(), (cross.mean() if cross is not None else None)
 
 

@@ -20,6 +20,8 @@ class CompressionConfig:
     residual_beta: ERC's REC residual rank factor (r_r = floor(residual_beta·mn/(m+n))).
     layer_policy: "uniform" (every layer at `ratio`) or "plc" (ERC: only the last k layers at
         N·ratio/k, k searched in steps of `plc_step` on `plc_samples` calibration windows).
+    fp_cache_bytes: two streams keep the FP stream's group inputs of one layer (fp32, on the
+        offload device) when they fit in this many bytes, else recompute them per group.
     """
 
     ratio: float
@@ -35,6 +37,7 @@ class CompressionConfig:
     damp_rel: float = 1e-6
     max_damp_rel: float = 1e-2
     svd_dtype: torch.dtype = torch.float64
+    fp_cache_bytes: int = 4 << 30
 
     def __post_init__(self):
         check_ratio(self.ratio)

@@ -171,3 +171,12 @@ def test_checkpoint_cleanup_leaves_other_files(windows, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_fp_group_input_cache_changes_nothing(windows):
+    cached, recomputed = tiny_model("llama", seed=6), tiny_model("llama", seed=6)
+    compress_model(cached, windows, config_for("ep-svd-llm", 0.3), **QUIET)
+    compress_model(recomputed, windows, config_for("ep-svd-llm", 0.3, fp_cache_bytes=0), **QUIET)
+    fa, fb = factors(cached), factors(recomputed)
+    for name in fa:
+        assert torch.equal(fa[name][0], fb[name][0]) and torch.equal(fa[name][1], fb[name][1])

@@ -6,7 +6,8 @@ import torch
 
 import svdkern
 from svdkern.data import eval_windows, load_text, token_windows, tokenize
-from svdkern.pipeline import capture_layer_inputs, input_of
+from svdkern.models import architecture_of
+from svdkern.pipeline import capture_layer_inputs, run_layer
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +52,29 @@ def test_save_load_identical_logits_and_tokenizer(compressed, protocol, tmp_path
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
-def test_post_norm_grams_defeat_float32_cholesky(protocol):
-    """λmin/λmax is tiny right after RMSNorm: fp32 Cholesky fails, damped fp64 does not."""
+def test_near_singular_grams_defeat_float32_cholesky(protocol):
+    """Issue 3: λmin/λmax reaches ~4e-11 after the norms; fp32 Cholesky fails, damped fp64 does not."""
     model, _, calib, _ = protocol
     layers = model.model.layers
-    inputs = capture_layer_inputs(model, layers, calib[:8], 8, "cpu", "cpu")
-    failures = 0
-    for i in (0, 1, 2):
-        hidden = inputs.hidden[0] if i == 0 else hidden_out
-        x = input_of(layers[i], "self_attn.q_proj", hidden, inputs.kwargs[i][0]).reshape(-1, 576)
-        H = x.double().T @ x.double() / x.shape[0]
-        failures += int(torch.linalg.cholesky_ex(H.float()).info.item() != 0)
-        L, _ = svdkern.cholesky_whiten(H)
-        assert torch.isfinite(L).all()
-        hidden_out = layers[i](hidden, **inputs.kwargs[i][0])
-    assert failures >= 1
+    inputs = capture_layer_inputs(model, layers, calib[:16], 8, "cpu", "cpu")
+    hidden, worst, fp32_failures = inputs.hidden, 1.0, 0
+    leads = [g[0] for g in architecture_of(model).groups]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            seen = {name: [] for name in leads}
+            hooks = [layer.get_submodule(name).register_forward_pre_hook(
+                lambda _m, a, store=seen[name]: store.append(a[0].reshape(-1, a[0].shape[-1])))
+                for name in leads]
+            hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, inputs.kwargs[i])]
+            for hook in hooks:
+                hook.remove()
+            for name in leads:
+                X = torch.cat(seen[name]).double()
+                H = X.T @ X / X.shape[0]
+                evals = torch.linalg.eigvalsh(H)
+                worst = min(worst, float(evals[0] / evals[-1]))
+                fp32_failures += int(torch.linalg.cholesky_ex(H.float()).info.item() != 0)
+                L, _ = svdkern.cholesky_whiten(H)
+                assert torch.isfinite(L).all()
+    assert worst < 1e-10
+    assert fp32_failures >= 1

@@ -179,14 +179,20 @@ def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:
     set_submodule(layer, name, new)
 
 
-def _hook_group_grams(layer, arch: Architecture, device, prefix):
+@contextmanager
+def group_grams(layer, arch: Architecture, device, prefix):
+    """Accumulate one Gram per input group while `layer` runs inside the block."""
     stats, handles = [], []
     for group in arch.groups:
         lead = layer.get_submodule(group[0])
         st = GramStats(lead.in_features, device, name=prefix + group[0])
         handles.append(lead.register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0])))
         stats.append(st)
-    return stats, handles
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _propagate(layer, hidden: list, kwargs: list, device, offload) -> list:
@@ -346,12 +352,8 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
         prefix = f"{i}."
         try:
             if cfg.stream == "fp":
-                stats, handles = _hook_group_grams(layer, arch, device, prefix)
-                try:
+                with group_grams(layer, arch, device, prefix) as stats:
                     streams["fp"] = _propagate(layer, streams["fp"], kwargs, device, offload)
-                finally:
-                    for h in handles:
-                        h.remove()
                 for group, st in zip(arch.groups, stats):
                     compress_group(layer, group, st.mean(), cfg, cfg.ratio, report, prefix)
             else:
@@ -443,12 +445,8 @@ def _plc(layers, arch, cfg, report, inputs: LayerInputs, device, offload, progre
         if i in starts:
             fp_at[i] = hidden[:search_batches]
         layer = layers[i].to(device)
-        stats, handles = _hook_group_grams(layer, arch, device, f"{i}.")
-        try:
+        with group_grams(layer, arch, device, f"{i}.") as stats:
             hidden = _propagate(layer, hidden, inputs.kwargs[i], device, offload)
-        finally:
-            for h in handles:
-                h.remove()
         grams.append([st.mean() for st in stats])
         layers[i] = layer.to(offload) if offload != device else layer
     fp_out = hidden[:search_batches]

@@ -94,7 +94,8 @@ def render():
         out += ["", "ERC-SVD's PLC search (final-layer relative error on the calibration windows):", ""]
         for ratio, p in plc:
             errs = ", ".join(f"k={k}: {float(e):.4f}" for k, e in sorted(p["errors"].items(), key=lambda kv: int(kv[0])))
-            out.append(f"- ratio {ratio}: chose the last {p['layers']} layers at {p['layer_ratio']:.3f} ({errs})")
+            out.append(f"- ratio {ratio} (search on {p['search_windows']} windows): chose the last "
+                       f"{p['layers']} layers at {p['layer_ratio']:.3f} ({errs})")
     with open(os.path.join(RESULTS, "quality_smollm2.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     plot(rows)

@@ -45,6 +45,8 @@ class CompressionConfig:
             raise ValueError(f"stream must be fp, compressed or both; got {self.stream!r}")
         if (self.beta != 0.0 or self.aces) and self.stream != "both":
             raise ValueError("beta/aces need the FP stream beside the compressed one (stream='both')")
+        if self.aces and self.beta != 0.0:
+            raise ValueError("aces chooses beta per matrix; do not also fix beta (--alpha)")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta (EP alpha) must lie in [0, 1]; got {self.beta}")
         if not 0.0 <= self.residual_beta < 1.0:

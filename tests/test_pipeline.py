@@ -163,6 +163,8 @@ def test_config_validation():
         config_for("nope", 0.2)
     with pytest.raises(ValueError, match="stream='both'"):
         config_for("svd-llm", 0.2, beta=0.5)
+    with pytest.raises(ValueError, match="aces chooses beta"):
+        config_for("saes-svd", 0.2, beta=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         config_for("ep-svd-llm", 0.2, beta=1.5)
 

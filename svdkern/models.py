@@ -79,10 +79,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return _get_path(model, architecture_of(model).layers_path, model.config.model_type)
 
 
-def linear_names(arch: Architecture) -> list[str]:
-    return [name for group in arch.groups for name in group]
-
-
 def _get_path(root: nn.Module, path: str, model_type: str):
     obj = root
     for part in path.split("."):
@@ -93,10 +89,6 @@ def _get_path(root: nn.Module, path: str, model_type: str):
             )
         obj = getattr(obj, part)
     return obj
-
-
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

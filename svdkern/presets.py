@@ -1,7 +1,7 @@
 """Named methods are settings of one engine (DESIGN.md): stream, β, residual rank, layer policy."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -81,7 +81,3 @@ def config_for(method: str, ratio: float, **overrides) -> CompressionConfig:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(PRESETS)}")
     settings = {**PRESETS[method], **{k: v for k, v in overrides.items() if v is not None}}
     return CompressionConfig(ratio=ratio, **settings)
-
-
-def with_changes(cfg: CompressionConfig, **changes) -> CompressionConfig:
-    return replace(cfg, **changes)

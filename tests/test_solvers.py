@@ -117,7 +117,7 @@ def test_rec_weight_error_no_worse_than_svd_llm_at_same_rank():
 
 def test_aces_closed_form_matches_grid_search():
     g = torch.Generator().manual_seed(5)
-    agree, better_than_ends = 0, 0
+    better_than_ends = 0
     trials = 40
     for t in range(trials):
         W, _, _, H, D = two_streams(seed=100 + t)
@@ -128,14 +128,12 @@ def test_aces_closed_form_matches_grid_search():
         beta = aces_beta(coef, (0.25, 0.75))
         grid = torch.linspace(0.25, 0.75, 20001)
         assert coef.ratio(beta) <= float(coef.ratio(grid).min()) + 1e-12
-        agree += 1
 
         def true_tail(b):
             s = torch.linalg.svdvals(S + b * Dw)
             return float((s[4:] ** 2).sum() / (s ** 2).sum())
 
         better_than_ends += true_tail(beta) <= min(true_tail(0.25), true_tail(0.75)) + 1e-12
-    assert agree == trials
     assert better_than_ends >= 0.9 * trials
 
 
@@ -144,10 +142,8 @@ def test_aces_coefficients_are_the_frobenius_products():
     wh = whiten(H)
     S, Dw = target(W, wh), wh.right_inv_t(W @ D)
     coef = aces_coefficients(S, Dw, 3)
-    for beta in (0.0, 0.3, 0.9):  # ρ̃ is exact at β = 0 by construction
-        s = torch.linalg.svdvals(S + beta * Dw)
-        if beta == 0.0:
-            assert coef.ratio(beta) == pytest.approx(float((s[3:] ** 2).sum() / (s ** 2).sum()), rel=1e-10)
+    s = torch.linalg.svdvals(S)  # ρ̃ is exact at β = 0 by construction
+    assert coef.ratio(0.0) == pytest.approx(float((s[3:] ** 2).sum() / (s ** 2).sum()), rel=1e-10)
     assert coef.A == pytest.approx(float((S ** 2).sum()))
     assert coef.C == pytest.approx(float((Dw ** 2).sum()))
 

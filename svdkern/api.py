@@ -10,7 +10,7 @@ from .data import calibration_windows
 from .io import METADATA
 from .io import load as load_compressed
 from .pipeline import compress_model
-from .presets import config_for
+from .presets import DEFAULT_METHOD, config_for
 
 BUNDLED = "smollm2"
 
@@ -50,7 +50,7 @@ def load_model(spec: str, dtype=torch.float32, device=None):
     return (model.to(device) if device is not None else model), tokenizer
 
 
-def compress(model, method: str = "svd-llm", ratio: float = 0.2, calib="wikitext2", tokenizer=None,
+def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wikitext2", tokenizer=None,
              nsamples: int = 64, seqlen: int = 512, seed: int = 0, sampler: str = "token-windows",
              device=None, batch_size: int = 8, checkpoint_dir: str | None = None,
              progress: bool = True, log=print, **knobs):

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .presets import PRESETS
+from .presets import DEFAULT_METHOD, LAYER_POLICIES, PRESETS, config_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,6 +18,10 @@ def _parse_range(text: str):
     return lo, hi
 
 
+def _parse_floats(text: str):
+    return tuple(float(v) for v in text.split(","))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svdkern", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -25,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a causal LM and save it")
     c.add_argument("--model", default="smollm2",
                    help="HF id or directory, a .gguf file, or 'smollm2' (bundled, the default)")
-    c.add_argument("--method", default="svd-llm", choices=sorted(PRESETS))
+    c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(PRESETS),
+                   help=f"compression method (default {DEFAULT_METHOD}: svdkern's most accurate "
+                        "composition; svd-llm is the fastest whitened one)")
     c.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters removed per matrix")
     c.add_argument("--calib", default="wikitext2", help="'wikitext2' or a text file")
     c.add_argument("--nsamples", type=int, default=64)
@@ -43,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plc-samples", type=int, default=None,
                    help="calibration windows used by the PLC search (default: all)")
     c.add_argument("--whitening", default=None, choices=["cholesky", "eigh"])
+    c.add_argument("--alpha-grid", type=_parse_floats, default=None, metavar="A,B,...",
+                   help="choose the EP/CEALC strength per matrix from these values on held-out "
+                        "calibration batches (two-stream methods; replaces --alpha)")
+    c.add_argument("--policy", default=None, choices=LAYER_POLICIES,
+                   help="rank allocation: uniform, plc (ERC's last-k layers), v2 (SVD-LLM V2), "
+                        "sensitivity (Fisher-weighted water-filling); all keep the uniform budget")
+    c.add_argument("--sensitivity-samples", type=int, default=None,
+                   help="calibration windows of the sensitivity measurement (default: all)")
+    c.add_argument("--min-rank-fraction", type=float, default=None,
+                   help="sensitivity policy: no matrix below this fraction of its uniform rank")
+    c.add_argument("--refine-epochs", type=int, default=None,
+                   help="block refinement: passes of Adam steps on each block's factors (0 = off)")
+    c.add_argument("--refine-lr", type=float, default=None, help="block refinement step size")
+    c.add_argument("--holdout-batches", type=int, default=None,
+                   help="calibration micro-batches held out to choose alpha and refinement steps")
     _add_run_args(c)
     c.add_argument("--checkpoint-dir", default=None,
                    help="per-layer checkpoints for resuming (default: <out>.partial)")
@@ -90,8 +111,13 @@ def cmd_compress(args) -> int:
         print(f"error: {out} exists; pass --overwrite or another --out", file=sys.stderr)
         return 2
     knobs = {"beta": args.alpha, "residual_beta": args.beta, "aces_range": args.aces_range,
-             "plc_step": args.plc_step, "plc_samples": args.plc_samples, "whitening": args.whitening}
+             "plc_step": args.plc_step, "plc_samples": args.plc_samples, "whitening": args.whitening,
+             "beta_grid": args.alpha_grid, "layer_policy": args.policy,
+             "sensitivity_samples": args.sensitivity_samples, "min_rank_fraction": args.min_rank_fraction,
+             "refine_epochs": args.refine_epochs, "refine_lr": args.refine_lr,
+             "holdout_batches": args.holdout_batches}
     knobs = {k: v for k, v in knobs.items() if v is not None}
+    config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     windows = None if args.no_eval else _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
     if windows is not None:

@@ -11,26 +11,25 @@ import json
 import os
 import resource
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .models import Architecture, architecture_of, set_submodule
+from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
+                     install, propagate, run_layer)
+from .models import Architecture, architecture_of
 from .nn import LowRankLinear
+from .policy import allocate
 from .presets import CompressionConfig
+from .refine import refine_block
 from .solvers.aces import aces_beta, aces_coefficients
 from .solvers.factorize import factors_from_svd, svd_of, target
-from .solvers.rank import (RatioError, plc_candidates, plc_layer_ratio, rank_for_ratio,
-                           residual_rank)
+from .solvers.rank import RatioError, check_saves_parameters, rank_for_ratio, residual_rank
+from .solvers.select import select_beta
 from .solvers.whiten import whiten
 from .stats import CrossStats, GramStats
-
-
-class StopForward(Exception):
-    """Raised by a capture hook to end a forward once the wanted input is seen."""
 
 
 @dataclass
@@ -41,6 +40,8 @@ class CompressionReport:
     betas: dict = field(default_factory=dict)        # module name -> β used (two-stream methods)
     damping: dict = field(default_factory=dict)      # "layer.group" -> relative damping used
     plc: dict | None = None                          # ERC search: candidate k -> error, chosen k
+    refine: dict = field(default_factory=dict)       # layer -> block error before/after, steps
+    allocation: dict = field(default_factory=dict)   # module name -> rank from the policy (None: dense)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     block_params_before: int = 0
@@ -64,100 +65,35 @@ class CompressionReport:
                 f"peak memory {gib:.2f} GiB")
 
 
-# ----------------------------------------------------------------------------- forward helpers
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextmanager
-def capture_input(module: nn.Module, stop: bool = True):
-    """Record the input of `module` in box['x'] and (by default) end the forward there."""
-    box = {}
-
-    def hook(_mod, args):
-        box["x"] = args[0].detach()
-        if stop:
-            raise StopForward
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
-def input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The input that linear `name` sees when `layer` runs on `hidden` (forward stops there)."""
-    with capture_input(layer.get_submodule(name)) as box:
-        try:
-            run_layer(layer, hidden, kwargs)
-        except StopForward:
-            pass
-    return box["x"]
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its input and kwargs, passes hidden through."""
-
-    def __init__(self, kwargs_store: list, hidden_store: list | None, last: bool):
-        super().__init__()
-        self.kwargs_store, self.hidden_store, self.last = kwargs_store, hidden_store, last
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder layers called with positional extras are not supported")
-        self.kwargs_store.append(kwargs)
-        if self.hidden_store is not None:
-            self.hidden_store.append(hidden_states.detach())
-        if self.last:
-            raise StopForward
-        return hidden_states
-
-
-@dataclass
-class LayerInputs:
-    hidden: list           # first layer's input, one tensor per micro-batch
-    kwargs: list           # kwargs[layer][batch]: masks, position embeddings, ...
-
-
-def capture_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-                         device, offload) -> LayerInputs:
-    """Inputs of layer 0 and every layer's call kwargs, from one pass that skips all layers."""
-    originals = list(layers)
-    kwargs = [[] for _ in originals]
-    hidden = []
-    for i in range(len(originals)):
-        layers[i] = _Recorder(kwargs[i], hidden if i == 0 else None, i == len(originals) - 1)
-    try:
-        model.to(device)  # moves embeddings/norms only: the layers are recorders now
-        for start in range(0, len(windows), batch_size):
-            try:
-                model.base_model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    return LayerInputs([h.to(offload) for h in hidden], kwargs)
-
-
 # ----------------------------------------------------------------------------- per-group solve
 
-def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionConfig, ratio: float,
-                   report: CompressionReport, prefix: str, delta: torch.Tensor | None = None):
-    """Replace the linears `names` of `layer` (sharing Gram H, and Δ for two streams)."""
+def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionConfig, ranks: dict,
+                   report: CompressionReport, prefix: str, delta: torch.Tensor | None = None,
+                   held_out=None):
+    """Replace the linears `names` of `layer` (sharing Gram H, and Δ for two streams).
+
+    ranks: {"layer.name": rank}; a rank of None keeps that matrix dense.
+    held_out: (H_fit, Δ_fit, H_val, Δ_val) when β is chosen per matrix from `cfg.beta_grid`.
+    """
+    names = [n for n in names if ranks[prefix + n] is not None]
+    if not names:
+        return
     wh = whiten(H, cfg.whitening, cfg.damp_rel, cfg.max_damp_rel) if cfg.whitening else None
     if wh is not None:
         report.damping[f"{prefix}{names[0]}"] = wh.damp
+    wh_fit = None
     for name in names:
         linear = layer.get_submodule(name)
         W = linear.weight.detach()
         m, n = W.shape
-        rank = rank_for_ratio(m, n, ratio, prefix + name)
+        rank = ranks[prefix + name]
+        check_saves_parameters(m, n, rank, prefix + name)
         rr = residual_rank(m, n, rank, cfg.residual_beta)
         beta = cfg.beta
+        if held_out is not None:
+            if wh_fit is None:
+                wh_fit = whiten(held_out[0], cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
+            beta, _ = select_beta(W, wh_fit, *held_out[1:], rank, rr, cfg.beta_grid, cfg.svd_dtype)
         if cfg.aces:
             S = target(W, wh)
             D = wh.right_inv_t(W.double() @ delta)
@@ -170,33 +106,6 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
         install(layer, name, U, V, linear)
         report.ranks[prefix + name] = rank
         report.residual_ranks[prefix + name] = rr
-
-
-def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:
-    bias = linear.bias.detach() if linear.bias is not None else None
-    new = LowRankLinear.from_factors(U.to(linear.weight.dtype), V.to(linear.weight.dtype), bias,
-                                     dtype=linear.weight.dtype)
-    set_submodule(layer, name, new)
-
-
-@contextmanager
-def group_grams(layer, arch: Architecture, device, prefix):
-    """Accumulate one Gram per input group while `layer` runs inside the block."""
-    stats, handles = [], []
-    for group in arch.groups:
-        lead = layer.get_submodule(group[0])
-        st = GramStats(lead.in_features, device, name=prefix + group[0])
-        handles.append(lead.register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0])))
-        stats.append(st)
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _propagate(layer, hidden: list, kwargs: list, device, offload) -> list:
-    return [run_layer(layer, h.to(device), kw).to(offload) for h, kw in zip(hidden, kwargs)]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -224,8 +133,9 @@ class Checkpoint:
         for i in range(progress["next_layer"]):
             tensors = load_file(os.path.join(self.dir, f"layer_{i:04d}.safetensors"))
             for name in (n for g in arch.groups for n in g):
-                linear = layers[i].get_submodule(name)
-                install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
+                if name + ".U" in tensors:  # matrices the policy kept dense are not saved
+                    linear = layers[i].get_submodule(name)
+                    install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
         streams = torch.load(os.path.join(self.dir, "streams.pt"), weights_only=True)
         return progress["next_layer"], streams
 
@@ -243,6 +153,8 @@ class Checkpoint:
         tensors = {}
         for name in (n for g in arch.groups for n in g):
             module = layer.get_submodule(name)
+            if not isinstance(module, LowRankLinear):
+                continue
             tensors[name + ".U"] = module.U.detach().contiguous().cpu()
             tensors[name + ".V"] = module.V.detach().contiguous().cpu()
         _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
@@ -298,13 +210,15 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
         else:
             _check_calibration_size(windows, layers[0], arch)
             inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
+            ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
+                                      batch_size, progress, log)
+            report.allocation = ranks
             if cfg.layer_policy == "plc":
-                _plc(layers, arch, cfg, report, inputs, device, offload, progress, log)
-            else:
-                ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
-                _uniform(layers, arch, cfg, report, inputs, device, offload, progress, ckpt, log)
-                if ckpt is not None:
-                    ckpt.remove()
+                report.plc = details
+            ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
+            _uniform(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
+            if ckpt is not None:
+                ckpt.remove()
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -335,7 +249,7 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
                 report.ranks[f"{i}.{name}"] = rank
 
 
-def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, progress, ckpt, log):
+def _uniform(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress, ckpt, log):
     streams = {"fp": inputs.hidden}
     if cfg.stream != "fp":
         streams["compressed"] = list(inputs.hidden)
@@ -352,10 +266,13 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
         prefix = f"{i}."
         try:
             if cfg.stream == "fp":
+                fp_in = streams["fp"]
                 with group_grams(layer, arch, device, prefix) as stats:
-                    streams["fp"] = _propagate(layer, streams["fp"], kwargs, device, offload)
+                    streams["fp"] = propagate(layer, streams["fp"], kwargs, device, offload)
                 for group, st in zip(arch.groups, stats):
-                    compress_group(layer, group, st.mean(), cfg, cfg.ratio, report, prefix)
+                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)
+                if cfg.refine_epochs:
+                    _refine(layer, fp_in, streams["fp"], kwargs, cfg, report, i, device)
             else:
                 fp_inputs = None
                 if cfg.stream == "both":
@@ -363,9 +280,15 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
                     fp_inputs, streams["fp"] = _fp_group_inputs(original, arch, streams["fp"], kwargs,
                                                                 device, offload, cfg.fp_cache_bytes)
                 for g, group in enumerate(arch.groups):
-                    H, delta = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs, device, prefix)
-                    compress_group(layer, group, H, cfg, cfg.ratio, report, prefix, delta)
-                streams["compressed"] = _propagate(layer, streams["compressed"], kwargs, device, offload)
+                    if all(ranks[prefix + n] is None for n in group):
+                        continue
+                    holdout = min(cfg.holdout_batches, len(kwargs) - 1) if cfg.beta_grid else 0
+                    H, delta, held_out = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs,
+                                                      device, prefix, holdout)
+                    compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
+                if cfg.refine_epochs:
+                    _refine(layer, streams["compressed"], streams["fp"], kwargs, cfg, report, i, device)
+                streams["compressed"] = propagate(layer, streams["compressed"], kwargs, device, offload)
             layers[i] = layer.to(offload) if offload != device else layer
             if ckpt is not None:
                 ckpt.save(i, layers[i], arch, streams)
@@ -374,6 +297,14 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, device, offload, pr
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "
                     "command to resume")
             raise
+
+
+def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
+    holdout = min(cfg.holdout_batches, len(inputs) - 1)
+    result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
+                          lr=cfg.refine_lr, holdout=holdout, device=device)
+    report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
+                            "selection": result.selection}
 
 
 class _Recompute:
@@ -404,93 +335,39 @@ def _fp_group_inputs(original, arch, hidden, kwargs, device, offload, budget_byt
     tokens = sum(h.shape[:-1].numel() for h in hidden)
     width = sum(original.get_submodule(g[0]).in_features for g in arch.groups)
     if tokens * width * 4 > budget_bytes:
-        return _Recompute(original, arch, hidden, kwargs, device), _propagate(original, hidden, kwargs, device, offload)
+        return _Recompute(original, arch, hidden, kwargs, device), propagate(original, hidden, kwargs, device, offload)
     inputs = [[] for _ in arch.groups]
     handles = [original.get_submodule(g[0]).register_forward_pre_hook(
         lambda _m, args, store=inputs[i]: store.append(args[0].detach().float().to(offload)))
         for i, g in enumerate(arch.groups)]
     try:
-        out = _propagate(original, hidden, kwargs, device, offload)
+        out = propagate(original, hidden, kwargs, device, offload)
     finally:
         for h in handles:
             h.remove()
     return _Cached(inputs), out
 
 
-def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: list, device, prefix):
-    """Ĥ (and Δ against the FP stream's inputs, for two streams) for group g."""
+def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: list, device, prefix,
+                 holdout: int = 0):
+    """Ĥ and Δ (Δ against the FP stream's inputs, for two streams) for group g.
+
+    Returns (H, Δ, held_out): held_out is None, or (H_fit, Δ_fit, H_val, Δ_val) split at the last
+    `holdout` micro-batches, for choosing β per matrix.
+    """
     n = layer.get_submodule(lead).in_features
-    gram = GramStats(n, device, name=prefix + lead)
-    cross = CrossStats(n, device, name=prefix + lead) if fp_inputs is not None else None
+    split = len(kwargs) - holdout
+    grams = [GramStats(n, device, name=prefix + lead) for _ in range(2)]
+    crosses = [CrossStats(n, device, name=prefix + lead) for _ in range(2)] if fp_inputs is not None else None
     for b, kw in enumerate(kwargs):
+        part = int(b >= split)
         x_hat = input_of(layer, lead, streams["compressed"][b].to(device), kw)
-        gram.add(x_hat)
-        if cross is not None:
-            cross.add(fp_inputs.get(g, b).to(device), x_hat)
-    return gram.mean(), (cross.mean() if cross is not None else None)
-
-
-def _plc(layers, arch, cfg, report, inputs: LayerInputs, device, offload, progress, log):
-    """ERC's partial-layer compression: search k, then REC-compress the last k layers."""
-    N = len(layers)
-    candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
-    first_needed = N - max(candidates)
-    starts = {N - k for k in candidates}
-    nb = len(inputs.hidden)
-    search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
-    # One FP pass: Gram matrices of every layer, FP inputs where a candidate starts, FP output.
-    grams, fp_at = [], {}
-    hidden = inputs.hidden
-    for i in tqdm(range(N), desc="fp statistics", disable=not progress):
-        if i in starts:
-            fp_at[i] = hidden[:search_batches]
-        layer = layers[i].to(device)
-        with group_grams(layer, arch, device, f"{i}.") as stats:
-            hidden = _propagate(layer, hidden, inputs.kwargs[i], device, offload)
-        grams.append([st.mean() for st in stats])
-        layers[i] = layer.to(offload) if offload != device else layer
-    fp_out = hidden[:search_batches]
-    # Whitening and stage-1 SVD per matrix once; each candidate only re-truncates them.
-    solved = {}
-    for i in tqdm(range(first_needed, N), desc="whitened SVDs", disable=not progress):
-        for group, H in zip(arch.groups, grams[i]):
-            wh = whiten(H.to(device), cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
-            report.damping[f"{i}.{group[0]}"] = wh.damp
-            for name in group:
-                W = layers[i].get_submodule(name).weight.detach().to(device)
-                solved[(i, name)] = (wh, svd_of(target(W, wh), cfg.svd_dtype))
-
-    def factors(i, name, layer_ratio):
-        linear = layers[i].get_submodule(name)
-        m, n = linear.weight.shape
-        rank = rank_for_ratio(m, n, layer_ratio, f"layer {i} {name}")
-        rr = residual_rank(m, n, rank, cfg.residual_beta)
-        wh, svd = solved[(i, name)]
-        return rank, rr, factors_from_svd(linear.weight.detach().to(device), svd, wh, rank, rr, cfg.svd_dtype)
-
-    errors = {}
-    for k in tqdm(candidates, desc="plc search", disable=not progress):
-        layer_ratio = plc_layer_ratio(N, cfg.ratio, k)
-        hidden = fp_at[N - k]
-        for i in range(N - k, N):
-            layer = copy.deepcopy(layers[i]).to(device)
-            for name in (n for g in arch.groups for n in g):
-                _, _, (U, V) = factors(i, name, layer_ratio)
-                install(layer, name, U, V, layer.get_submodule(name))
-            hidden = _propagate(layer, hidden, inputs.kwargs[i][:search_batches], device, offload)
-            del layer
-        num = sum(float(((h.double() - f.double()) ** 2).sum()) for h, f in zip(hidden, fp_out))
-        den = sum(float((f.double() ** 2).sum()) for f in fp_out)
-        errors[k] = (num / den) ** 0.5
-        log(f"plc: last {k:3d} layers at ratio {layer_ratio:.4f}: final-layer relative error {errors[k]:.5f}")
-    best = min(errors, key=errors.get)
-    layer_ratio = plc_layer_ratio(N, cfg.ratio, best)
-    log(f"plc: compressing the last {best} of {N} layers at ratio {layer_ratio:.4f}")
-    for i in range(N - best, N):
-        for name in (n for g in arch.groups for n in g):
-            rank, rr, (U, V) = factors(i, name, layer_ratio)
-            install(layers[i], name, U.to(offload), V.to(offload), layers[i].get_submodule(name))
-            report.ranks[f"{i}.{name}"] = rank
-            report.residual_ranks[f"{i}.{name}"] = rr
-    report.plc = {"errors": errors, "layers": best, "layer_ratio": layer_ratio,
-                  "search_windows": sum(h.shape[0] for h in fp_out)}
+        grams[part].add(x_hat)
+        if crosses is not None:
+            crosses[part].add(fp_inputs.get(g, b).to(device), x_hat)
+    gram = grams[0].merged(grams[1])
+    cross = crosses[0].merged(crosses[1]) if crosses is not None else None
+    held_out = None
+    if holdout and crosses is not None:
+        held_out = (grams[0].mean(), crosses[0].mean(), grams[1].mean(), crosses[1].mean())
+    return gram.mean(), (cross.mean() if cross is not None else None), held_out

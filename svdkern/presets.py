@@ -7,6 +7,8 @@ import torch
 
 from .solvers.rank import check_ratio
 
+LAYER_POLICIES = ("uniform", "plc", "v2", "sensitivity")
+
 
 @dataclass(frozen=True)
 class CompressionConfig:
@@ -18,8 +20,18 @@ class CompressionConfig:
     beta: weight of the error-propagation term W Δ P⁻ᵀ (EP's α, CEALC's β); needs stream "both".
     aces: choose β per matrix in `aces_range` (SAES-SVD); needs stream "both".
     residual_beta: ERC's REC residual rank factor (r_r = floor(residual_beta·mn/(m+n))).
-    layer_policy: "uniform" (every layer at `ratio`) or "plc" (ERC: only the last k layers at
-        N·ratio/k, k searched in steps of `plc_step` on `plc_samples` calibration windows).
+    layer_policy: which rank each matrix gets (policy.py): "uniform" (every matrix at `ratio`),
+        "plc" (ERC: only the last k layers at N·ratio/k, k searched in steps of `plc_step` on
+        `plc_samples` calibration windows), "v2" (SVD-LLM V2's rule) or "sensitivity"
+        (Fisher-weighted water-filling on `sensitivity_samples` windows, no matrix below
+        `min_rank_fraction` of its uniform rank). Every policy keeps at most the uniform
+        parameter count.
+    beta_grid: choose β per matrix from these values by the held-out output error
+        (solvers/select.py); needs stream "both", excludes a fixed beta and aces.
+    refine_epochs / refine_lr: block-level refinement (refine.py) after each block: passes of
+        Adam steps over the calibration micro-batches; needs the FP stream ("fp" or "both").
+    holdout_batches: the last calibration micro-batches, never fitted by β selection or
+        refinement steps, that choose β and the kept refinement state.
     fp_cache_bytes: two streams keep the FP stream's group inputs of one layer (fp32, on the
         offload device) when they fit in this many bytes, else recompute them per group.
     """
@@ -30,16 +42,23 @@ class CompressionConfig:
     beta: float = 0.0
     aces: bool = False
     aces_range: tuple[float, float] = (0.25, 0.75)
+    beta_grid: tuple[float, ...] = ()
     residual_beta: float = 0.0
     layer_policy: str = "uniform"
     plc_step: int = 2
     plc_samples: int | None = None
+    sensitivity_samples: int | None = None
+    min_rank_fraction: float = 0.0
     damp_rel: float = 1e-6
     max_damp_rel: float = 1e-2
     svd_dtype: torch.dtype = torch.float64
     fp_cache_bytes: int = 4 << 30
+    refine_epochs: int = 0
+    refine_lr: float = 1e-3
+    holdout_batches: int = 1
 
     def __post_init__(self):
+        object.__setattr__(self, "beta_grid", tuple(float(b) for b in self.beta_grid))
         check_ratio(self.ratio)
         if self.stream not in ("fp", "compressed", "both"):
             raise ValueError(f"stream must be fp, compressed or both; got {self.stream!r}")
@@ -47,14 +66,28 @@ class CompressionConfig:
             raise ValueError("beta/aces need the FP stream beside the compressed one (stream='both')")
         if self.aces and self.beta != 0.0:
             raise ValueError("aces chooses beta per matrix; do not also fix beta (--alpha)")
+        if self.beta_grid and (self.stream != "both" or self.aces or self.beta != 0.0):
+            raise ValueError("beta_grid chooses beta per matrix on held-out batches: it needs "
+                             "stream='both' and neither a fixed beta (--alpha) nor aces")
+        if any(not 0.0 <= b <= 1.0 for b in self.beta_grid):
+            raise ValueError(f"beta_grid values must lie in [0, 1]; got {self.beta_grid}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta (EP alpha) must lie in [0, 1]; got {self.beta}")
         if not 0.0 <= self.residual_beta < 1.0:
             raise ValueError(f"residual_beta must lie in [0, 1); got {self.residual_beta}")
-        if self.layer_policy not in ("uniform", "plc"):
-            raise ValueError(f"layer_policy must be uniform or plc; got {self.layer_policy!r}")
-        if self.layer_policy == "plc" and self.stream != "fp":
-            raise ValueError("layer_policy 'plc' is defined on FP statistics (stream='fp')")
+        if self.layer_policy not in LAYER_POLICIES:
+            raise ValueError(f"layer_policy must be one of {', '.join(LAYER_POLICIES)}; got {self.layer_policy!r}")
+        if self.layer_policy != "uniform" and self.whitening is None:
+            raise ValueError(f"layer_policy {self.layer_policy!r} measures whitened spectra: it needs whitening")
+        if not 0.0 <= self.min_rank_fraction <= 1.0:
+            raise ValueError(f"min_rank_fraction must lie in [0, 1]; got {self.min_rank_fraction}")
+        if self.sensitivity_samples is not None and self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be at least 1; got {self.sensitivity_samples}")
+        if self.refine_epochs < 0 or self.refine_lr <= 0 or self.holdout_batches < 0:
+            raise ValueError("refinement needs refine_epochs >= 0, refine_lr > 0, holdout_batches >= 0")
+        if self.refine_epochs and (self.stream == "compressed" or self.whitening is None):
+            raise ValueError("refinement targets the FP block output: it needs stream 'fp' or 'both' "
+                             "and whitening")
         if self.whitening is None and self.stream != "fp":
             raise ValueError("plain SVD (whitening=None) uses no calibration stream")
 
@@ -62,6 +95,7 @@ class CompressionConfig:
         d = asdict(self)
         d["svd_dtype"] = str(self.svd_dtype).replace("torch.", "")
         d["aces_range"] = list(self.aces_range)
+        d["beta_grid"] = list(self.beta_grid)
         return d
 
 
@@ -72,12 +106,20 @@ PRESETS: dict[str, dict] = {
     "ep-svd-llm": dict(stream="both", beta=0.5),
     "erc-svd": dict(residual_beta=0.05, layer_policy="plc"),
     "saes-svd": dict(stream="both", aces=True),
+    # svdkern's own composition (issue 9): EP's two streams, ranks water-filled by measured loss
+    # sensitivity, and each block's factors refined toward the FP block output.
+    "best": dict(stream="both", beta=0.5, layer_policy="sensitivity", sensitivity_samples=16,
+                 refine_epochs=2),
 }
+DEFAULT_METHOD = "best"
 
 
 def config_for(method: str, ratio: float, **overrides) -> CompressionConfig:
     """The engine settings of a named method, with any knob overridden."""
     if method not in PRESETS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(PRESETS)}")
-    settings = {**PRESETS[method], **{k: v for k, v in overrides.items() if v is not None}}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("beta_grid") and "beta" not in overrides:
+        overrides["beta"] = 0.0  # a chosen β replaces the preset's fixed one
+    settings = {**PRESETS[method], **overrides}
     return CompressionConfig(ratio=ratio, **settings)

@@ -40,6 +40,12 @@ class GramStats:
             gram_accumulate(self.H, x)
         self.count += x.shape[0]
 
+    def merged(self, other: "GramStats") -> "GramStats":
+        """The statistics of both token sets together."""
+        both = GramStats(0, name=self.name)
+        both.H, both.count = self.H + other.H, self.count + other.count
+        return both
+
     def mean(self) -> torch.Tensor:
         """H̄ = H/N, full and symmetric, float64."""
         if self.count == 0:
@@ -61,6 +67,11 @@ class CrossStats:
         with _no_tf32():
             cross_accumulate(self.D, delta, x_hat.reshape(-1, x_hat.shape[-1]))
         self.count += delta.shape[0]
+
+    def merged(self, other: "CrossStats") -> "CrossStats":
+        both = CrossStats(0, name=self.name)
+        both.D, both.count = self.D + other.D, self.count + other.count
+        return both
 
     def mean(self) -> torch.Tensor:
         return self.D.double() / self.count

@@ -45,6 +45,10 @@ def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):
     (["--nsamples", "0"], "nsamples must be at least 1"),
     (["--calib", "/no/such.txt"], "neither 'wikitext2' nor an existing text file"),
     (["--method", "erc-svd", "--ratio", "0.97"], "no PLC layer count is feasible"),
+    (["--method", "svd-llm", "--alpha-grid", "0,0.5"], "beta_grid chooses beta per matrix"),
+    (["--alpha-grid", "0,1.5"], "beta_grid values must lie in [0, 1]"),
+    (["--policy", "sensitivity", "--min-rank-fraction", "2"], "min_rank_fraction must lie in [0, 1]"),
+    (["--method", "sc-svd-llm", "--refine-epochs", "1"], "refinement targets the FP block output"),
 ])
 def test_bad_input_exits_with_a_message(model_dir, tmp_path, capsys, args, message):
     rc = main(["compress", "--model", str(model_dir), "--no-eval", "--out", str(tmp_path / "o"),

@@ -7,7 +7,7 @@ import torch
 import svdkern
 from svdkern.data import eval_windows, load_text, token_windows, tokenize
 from svdkern.models import architecture_of
-from svdkern.pipeline import capture_layer_inputs, run_layer
+from svdkern.blocks import capture_layer_inputs, run_layer
 
 pytestmark = pytest.mark.slow
 

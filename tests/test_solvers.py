@@ -176,3 +176,43 @@ def test_residual_rank_and_plc_candidates():
     assert plc_candidates(32, 0.6, 2, 0.05) == [22, 24, 26, 28, 30, 32]
     with pytest.raises(RatioError, match="no PLC layer count"):
         plc_candidates(4, 0.97, 2, 0.05)
+
+
+def test_heldout_output_error_matches_the_samples_it_summarizes():
+    from svdkern.solvers.select import heldout_output_error
+
+    gen = torch.Generator().manual_seed(11)
+    m, n, r, t = 7, 9, 3, 500
+    W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    U = torch.randn(m, r, generator=gen, dtype=torch.float64)
+    V = torch.randn(r, n, generator=gen, dtype=torch.float64)
+    x_hat = torch.randn(t, n, generator=gen, dtype=torch.float64)
+    x_fp = x_hat + 0.3 * torch.randn(t, n, generator=gen, dtype=torch.float64) @ torch.randn(n, n, generator=gen, dtype=torch.float64)
+    H = x_hat.T @ x_hat / t
+    D = (x_fp - x_hat).T @ x_hat / t          # rows δ, columns x̂: the CrossStats orientation
+    direct = ((x_fp @ W.T - x_hat @ V.T @ U.T) ** 2).sum(1).mean() - ((x_fp @ W.T) ** 2).sum(1).mean()
+    assert heldout_output_error(W, U, V, H, D) == pytest.approx(float(direct), rel=1e-10)
+
+
+def test_select_beta_follows_what_generalizes():
+    """Compensation wins when the held-out shift is the fitted one, loses when it was noise."""
+    from svdkern.solvers.select import select_beta
+    from svdkern.solvers.whiten import whiten
+
+    gen = torch.Generator().manual_seed(12)
+    m, n, t = 12, 10, 400
+    W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64)
+
+    def stats(shift):
+        x_hat = torch.randn(t, n, generator=gen, dtype=torch.float64)
+        return x_hat.T @ x_hat / t, (x_hat @ shift).T @ x_hat / t
+
+    H_fit, D_fit = stats(0.5 * mix)
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    H_same, D_same = stats(0.5 * mix)
+    beta, errors = select_beta(W, whiten(H_fit), D_fit, H_same, D_same, 4, 0, grid)
+    assert beta == 1.0 and errors[1.0] < errors[0.0]
+    H_none, D_none = stats(torch.zeros(n, n, dtype=torch.float64))
+    beta, _ = select_beta(W, whiten(H_fit), D_fit, H_none, D_none, 4, 0, grid)
+    assert beta == 0.0

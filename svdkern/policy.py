@@ -1,0 +1,123 @@
+"""Layer/rank policies: which rank each matrix gets, decided before any layer is compressed.
+
+A policy returns {"layer.name": rank, or None to keep the matrix dense}; the driver then solves
+every matrix at its rank with whatever stream, β and residual stage the config asks for, so
+every policy composes with every method. All policies decide on calibration data only.
+
+- uniform: every matrix at the ratio.
+- plc: ERC's partial-layer compression (last k layers at N·R/k, k searched on the final-layer
+  error of the FP model, METHODS.md §6.2).
+- v2: SVD-LLM V2's 1/log(truncation loss) rule per matrix type (METHODS.md §3.2).
+- sensitivity: water-filling of whitened spectra weighted by each output's Fisher sensitivity
+  (calibration loss), so the budget goes where the model's end-to-end loss needs it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+from tqdm.auto import tqdm
+
+from .allocation import MatrixShape, budget_of, uniform_ranks, v2_ranks, water_fill
+from .blocks import group_grams, install, propagate
+from .sensitivity import output_fisher, whitened_spectra
+from .solvers.factorize import factors_from_svd, svd_of, target
+from .solvers.rank import plc_candidates, plc_layer_ratio, rank_for_ratio, residual_rank
+from .solvers.whiten import whiten
+
+def matrix_shapes(layers, arch) -> list[MatrixShape]:
+    shapes = []
+    for i, layer in enumerate(layers):
+        for name in (n for g in arch.groups for n in g):
+            linear = layer.get_submodule(name)
+            shapes.append(MatrixShape(f"{i}.{name}", linear.out_features, linear.in_features))
+    return shapes
+
+
+def allocate(model, layers, arch, windows, inputs, cfg, device, offload, batch_size, progress,
+             log) -> tuple[dict, dict]:
+    """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`."""
+    shapes = matrix_shapes(layers, arch)
+    if cfg.layer_policy == "uniform":
+        return uniform_ranks(shapes, cfg.ratio), {}
+    if cfg.layer_policy == "plc":
+        return plc_search(layers, arch, cfg, inputs, device, offload, progress, log)
+    fisher = None
+    if cfg.layer_policy == "sensitivity":
+        sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
+        fisher = output_fisher(model, layers, arch, sample, batch_size, device, progress)
+    spectra = whitened_spectra(layers, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
+                               fisher, progress)
+    if cfg.layer_policy == "v2":
+        uniform = uniform_ranks(shapes, cfg.ratio)
+        losses = {s.name: math.sqrt(spectra[s.name].tokens * float(spectra[s.name].sigma2[uniform[s.name]:].sum()))
+                  for s in shapes}
+        return v2_ranks(shapes, cfg.ratio, losses), {}
+    floor = {s.name: max(1, math.floor(cfg.min_rank_fraction * rank_for_ratio(s.m, s.n, cfg.ratio)))
+             for s in shapes}
+    ranks = water_fill(shapes, budget_of(shapes, cfg.ratio),
+                       {k: v.weighted for k, v in spectra.items()}, floor)
+    dense = sum(r is None for r in ranks.values())
+    log(f"sensitivity allocation: {len(ranks) - dense} low-rank matrices, {dense} kept dense")
+    return ranks, {}
+
+
+def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:
+    """ERC's PLC: choose k by the final-layer error on the FP model (first N−k layers dense)."""
+    N = len(layers)
+    candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
+    first_needed = N - max(candidates)
+    starts = {N - k for k in candidates}
+    nb = len(inputs.hidden)
+    search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
+    # One FP pass: Gram matrices of every layer, FP inputs where a candidate starts, FP output.
+    grams, fp_at = [], {}
+    hidden = inputs.hidden
+    for i in tqdm(range(N), desc="fp statistics", disable=not progress):
+        if i in starts:
+            fp_at[i] = hidden[:search_batches]
+        layer = layers[i].to(device)
+        with group_grams(layer, arch, device, f"{i}.") as stats:
+            hidden = propagate(layer, hidden, inputs.kwargs[i], device, offload)
+        grams.append([st.mean() for st in stats])
+        layers[i] = layer.to(offload) if offload != device else layer
+    fp_out = hidden[:search_batches]
+    # Whitening and stage-1 SVD per matrix once; each candidate only re-truncates them.
+    solved = {}
+    for i in tqdm(range(first_needed, N), desc="whitened SVDs", disable=not progress):
+        for group, H in zip(arch.groups, grams[i]):
+            wh = whiten(H.to(device), cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
+            for name in group:
+                W = layers[i].get_submodule(name).weight.detach().to(device)
+                solved[(i, name)] = (wh, svd_of(target(W, wh), cfg.svd_dtype))
+
+    errors = {}
+    for k in tqdm(candidates, desc="plc search", disable=not progress):
+        layer_ratio = plc_layer_ratio(N, cfg.ratio, k)
+        hidden = fp_at[N - k]
+        for i in range(N - k, N):
+            layer = copy.deepcopy(layers[i]).to(device)
+            for name in (n for g in arch.groups for n in g):
+                linear = layer.get_submodule(name)
+                m, n = linear.weight.shape
+                rank = rank_for_ratio(m, n, layer_ratio, f"layer {i} {name}")
+                wh, svd = solved[(i, name)]
+                U, V = factors_from_svd(linear.weight.detach(), svd, wh, rank,
+                                        residual_rank(m, n, rank, cfg.residual_beta), cfg.svd_dtype)
+                install(layer, name, U, V, linear)
+            hidden = propagate(layer, hidden, inputs.kwargs[i][:search_batches], device, offload)
+            del layer
+        num = sum(float(((h.double() - f.double()) ** 2).sum()) for h, f in zip(hidden, fp_out))
+        den = sum(float((f.double() ** 2).sum()) for f in fp_out)
+        errors[k] = (num / den) ** 0.5
+        log(f"plc: last {k:3d} layers at ratio {layer_ratio:.4f}: final-layer relative error {errors[k]:.5f}")
+    best = min(errors, key=errors.get)
+    layer_ratio = plc_layer_ratio(N, cfg.ratio, best)
+    log(f"plc: compressing the last {best} of {N} layers at ratio {layer_ratio:.4f}")
+    ranks = {}
+    for s in matrix_shapes(layers, arch):
+        i = int(s.name.split(".", 1)[0])
+        ranks[s.name] = rank_for_ratio(s.m, s.n, layer_ratio, s.name) if i >= N - best else None
+    return ranks, {"errors": errors, "layers": best, "layer_ratio": layer_ratio,
+                   "search_windows": sum(h.shape[0] for h in fp_out)}
+

@@ -1,0 +1,157 @@
+"""Rank policies: budget-exact on every architecture, dense at zero compression, sensitivity that
+follows the loss, and refinement that never ends worse than it started."""
+import copy
+
+import pytest
+import torch
+
+import svdkern
+from svdkern.allocation import (MatrixShape, budget_of, total_kept, uniform_ranks, v2_ranks,
+                                water_fill)
+from svdkern.blocks import capture_layer_inputs, run_layer
+from svdkern.models import architecture_of
+from svdkern.policy import allocate, matrix_shapes
+from svdkern.presets import config_for
+from svdkern.refine import refine_block, relative_block_error
+
+from conftest import tiny_model
+
+QUIET = dict(progress=False, log=lambda *_: None)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt"]
+SHAPES = [MatrixShape(f"{i}.{t}", m, n) for i in range(3)
+          for t, m, n in (("q", 48, 48), ("k", 24, 48), ("up", 96, 48), ("down", 48, 96))]
+
+
+def random_importance(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {s.name: torch.rand(min(s.m, s.n), generator=gen).sort(descending=True).values
+            * torch.rand(1, generator=gen) for s in shapes}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["plc", "v2", "sensitivity"])
+def test_every_policy_keeps_at_most_the_uniform_parameters(arch, policy):
+    windows = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(1))  # qwen3: 512-wide o_proj
+    uniform = tiny_model(arch, seed=4)
+    svdkern.compress(uniform, "svd-llm", 0.4, calib=windows, **QUIET)
+    model = tiny_model(arch, seed=4)
+    svdkern.compress(model, "svd-llm", 0.4, calib=windows, layer_policy=policy, **QUIET)
+    report = model._svdkern_report
+    assert report.block_params_after <= uniform._svdkern_report.block_params_after
+    # and not far under it: the policy spends the budget (one matrix's step of slack)
+    slack = max(s.m * s.n for s in matrix_shapes(model.get_submodule(architecture_of(model).layers_path),
+                                                  architecture_of(model)))
+    assert report.block_params_after >= uniform._svdkern_report.block_params_after - slack
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_water_fill_is_budget_exact_and_greedy(seed):
+    importance = random_importance(SHAPES, seed)
+    for ratio in (0.2, 0.4, 0.6):
+        budget = budget_of(SHAPES, ratio)
+        ranks = water_fill(SHAPES, budget, importance)
+        spent = total_kept(SHAPES, ranks)
+        assert spent <= budget
+        # nothing that fits is left out: every low-rank matrix's next component costs m+n
+        leftover = budget - spent
+        assert all(leftover < s.m + s.n for s in SHAPES if ranks[s.name] is not None)
+
+
+def test_water_fill_prefers_the_important_matrix():
+    shapes = [MatrixShape("a", 48, 48), MatrixShape("b", 48, 48)]
+    flat = torch.linspace(1.0, 0.5, 48)
+    ranks = water_fill(shapes, budget_of(shapes, 0.5), {"a": 10 * flat, "b": flat})
+    assert ranks["a"] is None or ranks["a"] > ranks["b"]
+
+
+def test_zero_compression_returns_the_dense_model():
+    dense_total = sum(s.m * s.n for s in SHAPES)
+    assert set(water_fill(SHAPES, dense_total, random_importance(SHAPES)).values()) == {None}
+    assert set(uniform_ranks(SHAPES, 0.0).values()) == {None}
+    losses = {s.name: 10.0 + i for i, s in enumerate(SHAPES)}
+    assert set(v2_ranks(SHAPES, 0.0, losses).values()) == {None}
+
+
+def test_v2_rule_gives_lossier_matrices_more_rank_within_budget():
+    shapes = [MatrixShape(f"{i}.q", 48, 48) for i in range(4)]
+    losses = {"0.q": 10.0, "1.q": 100.0, "2.q": 1000.0, "3.q": 10000.0}
+    ranks = v2_ranks(shapes, 0.4, losses)
+    assert ranks["0.q"] < ranks["1.q"] < ranks["2.q"] < ranks["3.q"]
+    assert total_kept(shapes, ranks) <= budget_of(shapes, 0.4)
+
+
+def _allocation(model, windows, **knobs):
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers_path)
+    cfg = config_for("svd-llm", 0.5, **knobs)
+    inputs = capture_layer_inputs(model, layers, windows, 8, torch.device("cpu"), torch.device("cpu"))
+    with torch.no_grad():
+        ranks, _ = allocate(model, layers, arch, windows, inputs, cfg, torch.device("cpu"),
+                            torch.device("cpu"), 8, False, lambda *_: None)
+    return ranks
+
+
+def test_sensitivity_gives_rank_where_the_loss_needs_it(windows):
+    """Layer 1's attention output is scaled to almost nothing: its q/k/v hardly move the loss.
+
+    Their whitened spectra are untouched (the change is downstream of them), so an allocation
+    by spectra alone keeps giving them rank; the measured sensitivity moves it elsewhere.
+    """
+    model = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-4)
+    by_loss = _allocation(model, windows, layer_policy="sensitivity")
+    floor = 1
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert by_loss[f"1.self_attn.{name}"] == floor
+        assert by_loss[f"0.self_attn.{name}"] is None or by_loss[f"0.self_attn.{name}"] > floor
+    by_spectra = _allocation(model, windows, layer_policy="v2")
+    assert by_spectra["1.self_attn.v_proj"] > floor
+
+
+def test_refinement_never_increases_the_block_error_it_minimizes(windows):
+    model = tiny_model("llama", seed=6)
+    dense = copy.deepcopy(model)
+    svdkern.compress(model, "svd-llm", 0.6, calib=windows, **QUIET)
+    layer, original = model.model.layers[0], dense.model.layers[0]
+    inputs = capture_layer_inputs(dense, dense.model.layers, windows, 4, "cpu", "cpu")
+    x, kw = inputs.hidden, inputs.kwargs[0]
+    with torch.no_grad():
+        y = [run_layer(original, h, k) for h, k in zip(x, kw)]
+    before = relative_block_error(layer, run_layer, x, y, kw, "cpu")
+    # a sane step size lowers the error on the windows that choose the kept state ...
+    tuned = copy.deepcopy(layer)
+    result = refine_block(tuned, run_layer, x, y, kw, epochs=5, lr=3e-3, holdout=1, device="cpu")
+    assert result.before == pytest.approx(relative_block_error(layer, run_layer, x[-1:], y[-1:], kw[-1:], "cpu"))
+    assert result.after < result.before and result.steps > 0
+    # ... and a diverging one is rejected: the factors come back unchanged
+    wild = copy.deepcopy(layer)
+    result = refine_block(wild, run_layer, x, y, kw, epochs=2, lr=10.0, holdout=0, device="cpu")
+    assert result.after == result.before and result.steps == 0
+    assert relative_block_error(wild, run_layer, x, y, kw, "cpu") == pytest.approx(before)
+
+
+@pytest.mark.parametrize("method,knobs", [
+    ("ep-svd-llm", dict(layer_policy="plc", residual_beta=0.05)),
+    ("sc-svd-llm", dict(layer_policy="v2")),
+    ("saes-svd", dict(layer_policy="sensitivity", residual_beta=0.05)),
+    ("erc-svd", dict(layer_policy="sensitivity")),
+    ("best", dict(refine_epochs=2, refine_lr=1e-3)),
+    ("svd-llm", dict(layer_policy="v2", refine_epochs=1, refine_lr=1e-3)),
+])
+def test_policies_compose_with_every_stream_and_rec(method, knobs, windows):
+    uniform = tiny_model("llama", seed=7)
+    svdkern.compress(uniform, "svd-llm", 0.4, calib=windows, **QUIET)
+    model = tiny_model("llama", seed=7)
+    svdkern.compress(model, method, 0.4, calib=windows, batch_size=4, **knobs, **QUIET)
+    report = model._svdkern_report
+    assert report.block_params_after <= uniform._svdkern_report.block_params_after
+    assert set(report.ranks) == {k for k, r in report.allocation.items() if r is not None}
+    assert all(report.ranks[k] == r for k, r in report.allocation.items() if r is not None)
+    if knobs.get("residual_beta"):
+        assert any(rr > 0 for rr in report.residual_ranks.values())
+    if knobs.get("refine_epochs"):
+        assert len(report.refine) == 2
+        assert all(r["after"] <= r["before"] for r in report.refine.values())
+    with torch.no_grad():
+        assert torch.isfinite(model(windows[:2]).logits).all()

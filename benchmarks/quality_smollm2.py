@@ -63,7 +63,7 @@ def label_of(row):
 
 
 def complete(row):
-    return label_of(row) not in PYDOC or "pydoc_ppl" in row
+    return label_of(row) not in (*PYDOC, "dense") or "pydoc_ppl" in row
 
 
 def measure_saved(model, tokenizer, evals, pydoc):

@@ -2,7 +2,8 @@
 
 Every policy is budget-exact: the parameters it keeps over the compressed linears never exceed
 what the uniform rule keeps at the same ratio (METHODS.md §0). A rank of None means the matrix
-stays dense, which the greedy allocation chooses when that costs no more than its factors.
+stays dense: past its break-even rank, the rest of a matrix is one more step of the greedy
+allocation, taken when its gain per parameter ranks high enough.
 
 - `uniform_ranks`: every matrix at the ratio (today's default).
 - `v2_ranks`: SVD-LLM V2's heterogeneous rule (METHODS.md §3.2), as a baseline.
@@ -59,7 +60,8 @@ def v2_ranks(shapes: list[MatrixShape], ratio: float, losses: dict[str, float],
 
     losses: each matrix's theoretical truncation loss at the uniform rank, on raw-sum statistics
     (must exceed 1, as the rule assumes). Clamped members are fixed and the rest re-normalized so
-    the group's mean ratio stays `ratio`; ranks are floored, so the budget is never exceeded.
+    the group's mean ratio stays `ratio`; ranks are floored, then trimmed to the budget where
+    the floors of 1 overshoot it.
     """
     if ratio == 0.0:
         return uniform_ranks(shapes, ratio)
@@ -84,15 +86,21 @@ def v2_ranks(shapes: list[MatrixShape], ratio: float, losses: dict[str, float],
         rho.update(fixed)
         for s in members:
             ranks[s.name] = max(1, math.floor((1 - rho[s.name]) * s.m * s.n / (s.m + s.n)))
-    return _fit_budget(shapes, ranks, budget_of(shapes, ratio))
+    return fit_budget(shapes, ranks, budget_of(shapes, ratio))
 
 
-def _fit_budget(shapes, ranks: dict, budget: int) -> dict:
-    """Trim ranks (largest first) until the total is within budget; rounding can overshoot."""
+def fit_budget(shapes, ranks: dict, budget: int) -> dict:
+    """Trim ranks (relatively largest first) until the total is within budget.
+
+    Rank rules that floor per matrix can still overshoot a global budget by a few ranks.
+    """
     by_name = {s.name: s for s in shapes}
+    ranks = dict(ranks)
     while total_kept(shapes, ranks) > budget:
-        name = max((n for n, r in ranks.items() if r is not None and r > 1),
-                   key=lambda n: ranks[n] / (by_name[n].m * by_name[n].n / (by_name[n].m + by_name[n].n)))
+        trimmable = [n for n, r in ranks.items() if r is not None and r > 1]
+        if not trimmable:
+            raise RatioError(f"no rank can be trimmed to meet the budget of {budget:,} parameters")
+        name = max(trimmable, key=lambda n: ranks[n] * (by_name[n].m + by_name[n].n) / (by_name[n].m * by_name[n].n))
         ranks[name] -= 1
     return ranks
 

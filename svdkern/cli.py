@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sampler", default="token-windows", choices=["token-windows", "svd-llm"])
     c.add_argument("--out", default=None, help="output directory (default: ./<model>-<method>-<ratio>)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--alpha", type=float, default=None, help="EP-SVD-LLM correction strength (default 0.5); ep-svd-llm only")
+    c.add_argument("--alpha", type=float, default=None, help="EP/CEALC correction strength (default 0.5); two-stream methods (ep-svd-llm, best)")
     c.add_argument("--beta", type=float, default=None, help="REC residual rank factor (erc-svd default 0.05); with "
                    "another method it adds REC's residual stage to it")
     c.add_argument("--aces-range", type=_parse_range, default=None, metavar="LO,HI",

@@ -1,4 +1,7 @@
-"""The layer-by-layer driver: streams, group order, PLC search, progress, resume.
+"""The layer-by-layer driver: streams, group order, progress, resume.
+
+The ranks come from a policy (policy.py) decided before the first layer; this driver solves
+every matrix at its rank, in the order and on the streams the method asks for.
 
 Memory stays bounded by one decoder layer (plus its original copy for the two-stream methods)
 on the compute device and the calibration activations of each stream, kept on `offload`.
@@ -124,10 +127,7 @@ class Checkpoint:
             return 0, None
         with open(self.progress_file) as f:
             progress = json.load(f)
-        if progress["fingerprint"] != self.fingerprint:
-            raise RuntimeError(
-                f"checkpoint directory {self.dir} belongs to a run with other settings or data; "
-                "delete it (or pass another checkpoint directory) to start afresh")
+        self._check(progress["fingerprint"])
         from safetensors.torch import load_file
 
         for i in range(progress["next_layer"]):
@@ -139,10 +139,31 @@ class Checkpoint:
         streams = torch.load(os.path.join(self.dir, "streams.pt"), weights_only=True)
         return progress["next_layer"], streams
 
+    def load_allocation(self):
+        """(ranks, details) the interrupted run allocated, or None."""
+        path = os.path.join(self.dir, "allocation.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f)
+        self._check(saved["fingerprint"])
+        return saved["ranks"], saved["details"]
+
+    def save_allocation(self, ranks: dict, details: dict) -> None:
+        record = {"fingerprint": self.fingerprint, "ranks": ranks, "details": details}
+        _atomic(lambda p: json.dump(record, open(p, "w"), default=str),
+                os.path.join(self.dir, "allocation.json"))
+
+    def _check(self, fingerprint: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise RuntimeError(
+                f"checkpoint directory {self.dir} belongs to a run with other settings or data; "
+                "delete it (or pass another checkpoint directory) to start afresh")
+
     def remove(self) -> None:
         """Delete what this run wrote (never anything else in the directory)."""
         for name in os.listdir(self.dir):
-            if name.startswith("layer_") or name in ("streams.pt", "progress.json"):
+            if name.startswith("layer_") or name in ("streams.pt", "progress.json", "allocation.json"):
                 os.remove(os.path.join(self.dir, name))
         if not os.listdir(self.dir):
             os.rmdir(self.dir)
@@ -210,13 +231,19 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
         else:
             _check_calibration_size(windows, layers[0], arch)
             inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
-            ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
-                                      batch_size, progress, log)
+            ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
+            saved = ckpt.load_allocation() if ckpt is not None else None
+            if saved is None:
+                ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
+                                          batch_size, progress, log)
+                if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
+                    ckpt.save_allocation(ranks, details)
+            else:
+                ranks, details = saved
             report.allocation = ranks
             if cfg.layer_policy == "plc":
                 report.plc = details
-            ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
-            _uniform(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
+            _sequential(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
             if ckpt is not None:
                 ckpt.remove()
     report.seconds = time.perf_counter() - started
@@ -249,7 +276,7 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
                 report.ranks[f"{i}.{name}"] = rank
 
 
-def _uniform(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress, ckpt, log):
+def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress, ckpt, log):
     streams = {"fp": inputs.hidden}
     if cfg.stream != "fp":
         streams["compressed"] = list(inputs.hidden)
@@ -282,7 +309,7 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offl
                 for g, group in enumerate(arch.groups):
                     if all(ranks[prefix + n] is None for n in group):
                         continue
-                    holdout = min(cfg.holdout_batches, len(kwargs) - 1) if cfg.beta_grid else 0
+                    holdout = _holdout(cfg, len(kwargs)) if cfg.beta_grid else 0
                     H, delta, held_out = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs,
                                                       device, prefix, holdout)
                     compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
@@ -299,8 +326,19 @@ def _uniform(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offl
             raise
 
 
+def _holdout(cfg, batches: int) -> int:
+    if cfg.holdout_batches >= batches:
+        raise ValueError(
+            f"holdout_batches={cfg.holdout_batches} leaves none of the {batches} calibration "
+            "micro-batches to fit: lower it, raise nsamples, or lower the batch size")
+    return cfg.holdout_batches
+
+
 def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
-    holdout = min(cfg.holdout_batches, len(inputs) - 1)
+    if not any(isinstance(m, LowRankLinear) for m in layer.modules()):
+        report.refine[index] = {"skipped": "the policy kept every matrix of this layer dense"}
+        return
+    holdout = min(cfg.holdout_batches, len(inputs) - 1)  # one batch: it fits and selects
     result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
                           lr=cfg.refine_lr, holdout=holdout, device=device)
     report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
@@ -356,18 +394,17 @@ def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: lis
     `holdout` micro-batches, for choosing β per matrix.
     """
     n = layer.get_submodule(lead).in_features
+    parts = 2 if holdout and fp_inputs is not None else 1  # split only when β is chosen
     split = len(kwargs) - holdout
-    grams = [GramStats(n, device, name=prefix + lead) for _ in range(2)]
-    crosses = [CrossStats(n, device, name=prefix + lead) for _ in range(2)] if fp_inputs is not None else None
+    grams = [GramStats(n, device, name=prefix + lead) for _ in range(parts)]
+    crosses = [CrossStats(n, device, name=prefix + lead) for _ in range(parts)] if fp_inputs is not None else None
     for b, kw in enumerate(kwargs):
-        part = int(b >= split)
+        part = int(b >= split) if parts == 2 else 0
         x_hat = input_of(layer, lead, streams["compressed"][b].to(device), kw)
         grams[part].add(x_hat)
         if crosses is not None:
             crosses[part].add(fp_inputs.get(g, b).to(device), x_hat)
-    gram = grams[0].merged(grams[1])
-    cross = crosses[0].merged(crosses[1]) if crosses is not None else None
-    held_out = None
-    if holdout and crosses is not None:
-        held_out = (grams[0].mean(), crosses[0].mean(), grams[1].mean(), crosses[1].mean())
-    return gram.mean(), (cross.mean() if cross is not None else None), held_out
+    if parts == 1:
+        return grams[0].mean(), (crosses[0].mean() if crosses is not None else None), None
+    held_out = (grams[0].mean(), crosses[0].mean(), grams[1].mean(), crosses[1].mean())
+    return grams[0].merged(grams[1]).mean(), crosses[0].merged(crosses[1]).mean(), held_out

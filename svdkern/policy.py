@@ -18,12 +18,13 @@ import math
 
 from tqdm.auto import tqdm
 
-from .allocation import MatrixShape, budget_of, uniform_ranks, v2_ranks, water_fill
+from .allocation import MatrixShape, budget_of, fit_budget, uniform_ranks, v2_ranks, water_fill
 from .blocks import group_grams, install, propagate
 from .sensitivity import output_fisher, whitened_spectra
 from .solvers.factorize import factors_from_svd, svd_of, target
 from .solvers.rank import plc_candidates, plc_layer_ratio, rank_for_ratio, residual_rank
 from .solvers.whiten import whiten
+
 
 def matrix_shapes(layers, arch) -> list[MatrixShape]:
     shapes = []
@@ -114,10 +115,13 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
     best = min(errors, key=errors.get)
     layer_ratio = plc_layer_ratio(N, cfg.ratio, best)
     log(f"plc: compressing the last {best} of {N} layers at ratio {layer_ratio:.4f}")
+    shapes = matrix_shapes(layers, arch)
     ranks = {}
-    for s in matrix_shapes(layers, arch):
+    for s in shapes:
         i = int(s.name.split(".", 1)[0])
         ranks[s.name] = rank_for_ratio(s.m, s.n, layer_ratio, s.name) if i >= N - best else None
+    # N·R/k's floors can keep a little more than the uniform floors: trim to the budget
+    ranks = fit_budget(shapes, ranks, budget_of(shapes, cfg.ratio))
     return ranks, {"errors": errors, "layers": best, "layer_ratio": layer_ratio,
                    "search_windows": sum(h.shape[0] for h in fp_out)}
 

@@ -3,8 +3,8 @@
 The per-matrix solvers minimize each linear's own output error; the block's output error is what
 the next block sees. After a block is compressed, its factors (and nothing else) are tuned on the
 calibration activations: input = the stream the compressed model produces (so the steps also
-absorb error propagated from earlier blocks), target = the original block's output on the FP
-stream. Micro-batches held out from the steps choose when to stop, and the state with the
+absorb error propagated from earlier blocks; methods on the FP stream alone refine on FP
+inputs), target = the original block's output on the FP stream. Micro-batches held out from the steps choose when to stop, and the state with the
 lowest error on them is kept, so refinement never ends worse than it started on those windows.
 """
 from __future__ import annotations
@@ -25,12 +25,24 @@ class RefineResult:
     selection: str    # "held-out" or "fit" windows
 
 
+def _cast(obj, dtype):
+    """Floating tensors (also inside tuples, lists, dicts) in `dtype`; everything else as is."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def relative_block_error(layer, run_layer, inputs, targets, kwargs, device) -> float:
-    """‖f(x) − y‖² / ‖y‖² summed over micro-batches (float64)."""
+    """‖f(x) − y‖² / ‖y‖² summed over micro-batches (float64), in the layer's own dtype."""
+    dtype = next(layer.parameters()).dtype
     num = den = 0.0
     with torch.no_grad():
         for x, y, kw in zip(inputs, targets, kwargs):
-            out = run_layer(layer, x.to(device), kw).double()
+            out = run_layer(layer, x.to(device, dtype), _cast(kw, dtype)).double()
             y = y.to(device).double()
             num += float(((out - y) ** 2).sum())
             den += float((y ** 2).sum())
@@ -60,8 +72,8 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
     params = factor_parameters(layer)
     if not params:
         raise ValueError("refinement found no LowRankLinear factors in the block")
-    frozen = [(p, p.requires_grad) for p in layer.parameters()]
-    dtype = params[0].dtype
+    frozen = [(p, p.requires_grad, p.dtype) for p in layer.parameters()]
+    original = [p.detach().clone() for p in params]
     layer.float()  # steps in fp32 whatever the model's dtype
     for p in layer.parameters():
         p.requires_grad_(False)
@@ -79,7 +91,7 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
             for _ in range(epochs):
                 for x, y, kw in fit:
                     y = y.to(device).float()
-                    out = run_layer(layer, x.to(device).float(), kw)
+                    out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
                     loss = ((out.float() - y) ** 2).sum() / (y ** 2).sum()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -93,7 +105,16 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
         with torch.no_grad():
             for p, saved in zip(params, best_state):
                 p.copy_(saved)
-        for p, flag in frozen:
+        for p, flag, dtype in frozen:
+            p.data = p.data.to(dtype)
             p.requires_grad_(flag)
-        layer.to(dtype)
+    if best_steps and any(p.dtype != torch.float32 for p in params):
+        # rounding back to the model's dtype can eat the gain: keep the original if it did
+        best = relative_block_error(layer, run_layer, *zip(*select), device)
+        if best > before:
+            with torch.no_grad():
+                for p, saved in zip(params, original):
+                    p.copy_(saved)
+            best, best_steps = relative_block_error(layer, run_layer, *zip(*select), device), 0
+            before = best
     return RefineResult(before, best, best_steps, "held-out" if holdout else "fit")

@@ -68,6 +68,7 @@ class Spectrum:
     tokens: int                        # calibration tokens behind the Gram matrix
 
 
+@torch.no_grad()
 def whitened_spectra(layers, arch: Architecture, hidden: list, kwargs: list, cfg, device, offload,
                      fisher: dict | None, progress: bool = True) -> dict[str, Spectrum]:
     """Per-component numbers of every matrix's whitened SVD on the FP stream (see module doc)."""

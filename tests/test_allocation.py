@@ -19,7 +19,7 @@ from conftest import tiny_model
 QUIET = dict(progress=False, log=lambda *_: None)
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt"]
 SHAPES = [MatrixShape(f"{i}.{t}", m, n) for i in range(3)
-          for t, m, n in (("q", 48, 48), ("k", 24, 48), ("up", 96, 48), ("down", 48, 96))]
+          for t, m, n in (("q", 48, 48), ("k", 24, 48), ("up", 96, 48), ("down", 48, 96), ("odd", 40, 48))]
 
 
 def random_importance(shapes, seed=0):
@@ -155,3 +155,14 @@ def test_policies_compose_with_every_stream_and_rec(method, knobs, windows):
         assert all(r["after"] <= r["before"] for r in report.refine.values())
     with torch.no_grad():
         assert torch.isfinite(model(windows[:2]).logits).all()
+
+
+def test_best_preset_runs_on_a_bfloat16_model(windows):
+    """Refinement steps in fp32 and hands the block back in the model's dtype."""
+    model = tiny_model("llama", seed=8, dtype=torch.bfloat16)
+    svdkern.compress(model, "best", 0.4, calib=windows, batch_size=4, **QUIET)
+    report = model._svdkern_report
+    assert len(report.refine) == 2 and all(r["after"] <= r["before"] for r in report.refine.values())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(model(windows[:2]).logits.float()).all()

@@ -3,7 +3,7 @@
 The quantity EP/CEALC trade off is the output error against the FP model on the inputs the
 compressed model produces, E‖W x_f − Ŵ x̂‖². On held-out tokens it needs only their Ĥ and Δ:
 E‖W x_f − Ŵ x̂‖² = const − 2⟨W(Ĥ + Δ), Ŵ⟩ + tr(Ŵ Ĥ Ŵᵀ), the constant being free of Ŵ.
-Each β of the grid is fitted on the other micro-batches and scored there, so a strength that
+Each β of the grid is fitted on the other micro-batches and scored on the held-out ones, so a strength that
 only over-fits the calibration Δ loses (METHODS.md §5.3: α is not monotone in quality).
 """
 from __future__ import annotations

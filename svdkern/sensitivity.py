@@ -3,7 +3,8 @@
 - `output_fisher`: for every compressible linear, Σ over calibration tokens of (∂loss/∂y_i)² per
   output channel i: how much the model's calibration loss reacts to an error in that output
   (the diagonal empirical Fisher). One forward and backward of the whole model per micro-batch;
-  only activations get gradients, never weights.
+  only activations get gradients, never weights. Unlike the layer-by-layer passes, it holds
+  the whole model and one micro-batch's activation graph on the device (issue 12 streams it).
 - `whitened_spectra`: one FP pass, layer by layer, that whitens every group and takes each
   matrix's SVD, keeping only per-component numbers (never the factors), so memory stays that of
   one layer. With Fisher weights, component j of W·P (σ_j, u_j) costs about

@@ -114,7 +114,7 @@ def test_too_few_calibration_tokens(windows):
         svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows[:2, :10], **QUIET)
 
 
-@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm"])
+@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm", "best"])
 def test_interrupted_run_resumes_to_the_same_result(method, windows, tmp_path, monkeypatch):
     reference = tiny_model("llama", seed=5)
     svdkern.compress(reference, method, 0.3, calib=windows, **QUIET)
@@ -133,6 +133,11 @@ def test_interrupted_run_resumes_to_the_same_result(method, windows, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"), **QUIET)
     monkeypatch.setattr(pipeline.Checkpoint, "save", real_save)
+
+    def no_second_allocation(*_args, **_kwargs):
+        raise AssertionError("a resumed run must reuse the checkpointed allocation")
+
+    monkeypatch.setattr(pipeline, "allocate", no_second_allocation)
     logs = []
     fresh = tiny_model("llama", seed=5)
     svdkern.compress(fresh, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"),

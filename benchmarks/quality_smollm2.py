@@ -153,7 +153,9 @@ def render():
            "32 windows of 512 of Python's documentation text (`pydoc_data.topics`), an unrelated text",
            "no choice was made on. Every choice a method makes comes from the calibration windows.",
            "Perplexity and achieved ratio are measured on the model saved with `svdkern.save` and",
-           "loaded back. Compression seconds: one run each on this machine, 2 threads.", "",
+           "loaded back. Compression seconds: one run each on this machine, 2 threads.",
+           "Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
+           "2026-11-25 run (commit 5692910); they were not rerun.", "",
            f"Dense perplexity: **{dense['ppl']:.2f}** (WikiText-2), "
            f"**{_fmt(dense.get('pydoc_ppl'))}** (Python docs)." if dense else "", "",
            f"Goal of issue 9 for `{DEFAULT_METHOD}` (15% below the best existing configuration): "

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .preflight import PreflightError
 from .presets import DEFAULT_METHOD, LAYER_POLICIES, PRESETS, config_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,9 +96,42 @@ def _device(args) -> str:
 
 
 def _eval_windows(tokenizer, data: str, seqlen: int, windows):
-    from .data import eval_windows, load_text, tokenize
+    """(windows, description of the text they come from)."""
+    from .data import eval_windows, text_source, tokenize
 
-    return eval_windows(tokenize(tokenizer, load_text(data, "test")), seqlen, windows)
+    text, described = text_source(data, "test")
+    return eval_windows(tokenize(tokenizer, text), seqlen, windows), described
+
+
+def _check_run_args(args, data_sources=()) -> None:
+    """Everything checkable without the model, before anything loads (one line on failure)."""
+    from .preflight import check_model_source, check_positive, check_text_source, go_offline_if_unreachable
+
+    if args.seqlen < 2:
+        raise PreflightError(f"--seqlen must be at least 2 to predict a token; got {args.seqlen}")
+    check_positive(batch_size=args.batch_size, nsamples=getattr(args, "nsamples", None),
+                   eval_windows=getattr(args, "eval_windows", None), windows=getattr(args, "windows", None))
+    for source in data_sources:
+        check_text_source(source)
+    if _needs_hub(args.model, data_sources):
+        go_offline_if_unreachable()
+    check_model_source(args.model)
+
+
+def _needs_hub(model: str, data_sources) -> bool:
+    local_model = model == "smollm2" or os.path.exists(os.path.expanduser(model))
+    data_dir = os.environ.get("SVDKERN_DATA_DIR")
+    local_data = bool(data_dir) and os.path.isdir(os.path.join(data_dir, "wikitext2"))
+    return not local_model or ("wikitext2" in data_sources and not local_data)
+
+
+def _check_fits(model, args, stream, eval_windows) -> None:
+    from .preflight import check_context, check_memory, estimate_memory
+
+    check_context(model.config, args.seqlen)
+    nsamples = getattr(args, "nsamples", 0)
+    check_memory(estimate_memory(model, stream, nsamples, args.seqlen, args.batch_size, eval_windows,
+                                 _device(args)), _device(args))
 
 
 def cmd_compress(args) -> int:
@@ -117,22 +151,57 @@ def cmd_compress(args) -> int:
              "refine_epochs": args.refine_epochs, "refine_lr": args.refine_lr,
              "holdout_batches": args.holdout_batches}
     knobs = {k: v for k, v in knobs.items() if v is not None}
-    config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
+    cfg = config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
+    _check_run_args(args, [args.calib] + ([] if args.no_eval else ["wikitext2"]))
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
-    windows = None if args.no_eval else _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
-    if windows is not None:
-        dense = perplexity(model, windows, device=device)
-        print(f"dense model: {dense}")
+    eval_count = None if args.no_eval else args.eval_windows
+    _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_count)
     ckpt = None if args.no_checkpoint else (args.checkpoint_dir or out.rstrip("/") + ".partial")
+    windows = None
+    if not args.no_eval:
+        windows, described = _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
+        print(f"dense model: {_dense_perplexity(model, windows, described, args, ckpt, device)} on {described}")
     compress(model, args.method, args.ratio, args.calib, tokenizer, args.nsamples, args.seqlen,
              args.seed, args.sampler, device, args.batch_size, ckpt, **knobs)
     report = model._svdkern_report
     print(f"{args.method} at ratio {args.ratio}: {report.summary()}")
     if windows is not None:
-        print(f"compressed model: {perplexity(model, windows, device=device)}")
+        print(f"compressed model: {perplexity(model, windows, device=device)} on {described}")
+        _forget_dense_perplexity(ckpt)
     save(model, out, tokenizer, overwrite=args.overwrite)
     print(f"saved to {out}")
     return 0
+
+
+DENSE_EVAL = "dense_eval.json"
+
+
+def _dense_perplexity(model, windows, described, args, ckpt, device):
+    """The dense model's perplexity, kept beside the checkpoints so a resumed run does not redo it."""
+    from .evaluate import PerplexityResult, perplexity
+
+    key = {"model": args.model, "dtype": args.dtype, "seqlen": args.seqlen,
+           "windows": int(windows.shape[0]), "data": described}
+    path = os.path.join(ckpt, DENSE_EVAL) if ckpt else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return PerplexityResult(**saved["result"])
+    result = perplexity(model, windows, device=device)
+    if path:
+        os.makedirs(ckpt, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"key": key, "result": result.__dict__}, f)
+        os.replace(path + ".tmp", path)
+    return result
+
+
+def _forget_dense_perplexity(ckpt) -> None:
+    if ckpt and os.path.isfile(os.path.join(ckpt, DENSE_EVAL)):
+        os.remove(os.path.join(ckpt, DENSE_EVAL))
+        if not os.listdir(ckpt):
+            os.rmdir(ckpt)
 
 
 def cmd_eval(args) -> int:
@@ -140,10 +209,12 @@ def cmd_eval(args) -> int:
     from .evaluate import perplexity
 
     device = _device(args)
+    _check_run_args(args, [args.data])
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
-    windows = _eval_windows(tokenizer, args.data, args.seqlen, args.windows)
+    _check_fits(model, args, None, args.windows or 1)
+    windows, described = _eval_windows(tokenizer, args.data, args.seqlen, args.windows)
     result = perplexity(model, windows, batch_size=args.batch_size, device=device)
-    print(result)
+    print(f"{result} on {described}")
     return 0 if result.nonfinite_windows == 0 else 1
 
 
@@ -162,9 +233,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was saved has been said; no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,30 +24,37 @@ class DataError(ValueError):
 
 def load_text(source: str, split: str) -> str:
     """Raw text for `source` ('wikitext2' or a file path) and split ('test' or 'calibration')."""
+    return text_source(source, split)[0]
+
+
+def text_source(source: str, split: str) -> tuple[str, str]:
+    """(raw text, what it is), so every number can say which text it was measured on."""
     if source != "wikitext2":
-        path = Path(source)
+        path = Path(source).expanduser()
         if not path.is_file():
             raise DataError(f"data source {source!r} is neither 'wikitext2' nor an existing text file")
-        return path.read_text(encoding="utf-8", errors="replace")
+        return path.read_text(encoding="utf-8", errors="replace"), f"the text file {source}"
     filename, hf_split = _WIKITEXT2[split]
     data_dir = os.environ.get("SVDKERN_DATA_DIR")
     if data_dir:
         path = Path(data_dir) / "wikitext2" / filename
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8"), f"WikiText-2 {hf_split} ({path})"
         warnings.warn(f"SVDKERN_DATA_DIR is set but {path} does not exist; trying Hugging Face")
     try:
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConnectionError("offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)")
         import datasets
 
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
-        return "\n\n".join(rows)
+        return "\n\n".join(rows), f"WikiText-2 {hf_split} (Hugging Face datasets)"
     except Exception as exc:  # offline, or datasets missing: fall back, loudly
         warnings.warn(
             f"WikiText-2 is not available ({type(exc).__name__}: {exc}); using Python's bundled "
             "documentation text (pydoc_data.topics) instead. Numbers will not be comparable to "
             "WikiText-2 results: set SVDKERN_DATA_DIR or go online."
         )
-        return offline_english_text()
+        return offline_english_text(), "Python's documentation text (pydoc_data.topics), not WikiText-2"
 
 
 def offline_english_text() -> str:

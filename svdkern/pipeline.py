@@ -113,16 +113,29 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
 
 # ----------------------------------------------------------------------------- checkpoints
 
-class Checkpoint:
-    """Per-layer factors and the current stream activations, so an interrupted run resumes."""
+REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine")
 
-    def __init__(self, directory: str, fingerprint: str):
+
+class Checkpoint:
+    """Per-layer factors, the stream activations and the report so far, so a run resumes.
+
+    Every file is written under a temporary name and renamed; progress.json is renamed last and
+    names the stream file it goes with, so a process killed at any instant leaves a consistent
+    state: the last layer whose progress.json landed.
+    """
+
+    def __init__(self, directory: str, fingerprint: dict, started: float):
         self.dir, self.fingerprint = directory, fingerprint
         os.makedirs(directory, exist_ok=True)
         self.progress_file = os.path.join(directory, "progress.json")
+        self.started = started       # perf_counter() when this run began
+        self.previous_seconds = 0.0  # compression time spent by the interrupted runs
 
-    def load(self, layers, arch: Architecture):
-        """(next layer, streams) from a previous run, or (0, None)."""
+    def seconds(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
+
+    def load(self, layers, arch: Architecture, report: CompressionReport):
+        """(next layer, streams) from a previous run, or (0, None); restores the report entries."""
         if not os.path.exists(self.progress_file):
             return 0, None
         with open(self.progress_file) as f:
@@ -136,7 +149,11 @@ class Checkpoint:
                 if name + ".U" in tensors:  # matrices the policy kept dense are not saved
                     linear = layers[i].get_submodule(name)
                     install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
-        streams = torch.load(os.path.join(self.dir, "streams.pt"), weights_only=True)
+        for key in REPORT_FIELDS:
+            getattr(report, key).update(progress["report"][key])
+        report.refine = {int(k): v for k, v in report.refine.items()}
+        self.previous_seconds = progress["seconds"]
+        streams = torch.load(os.path.join(self.dir, progress["streams"]), weights_only=True)
         return progress["next_layer"], streams
 
     def load_allocation(self):
@@ -147,28 +164,35 @@ class Checkpoint:
         with open(path) as f:
             saved = json.load(f)
         self._check(saved["fingerprint"])
-        return saved["ranks"], saved["details"]
+        self.previous_seconds = saved["seconds"]
+        details = saved["details"]
+        if "errors" in details:  # PLC's candidate layer counts (JSON keeps keys as strings)
+            details["errors"] = {int(k): v for k, v in details["errors"].items()}
+        return saved["ranks"], details
 
     def save_allocation(self, ranks: dict, details: dict) -> None:
-        record = {"fingerprint": self.fingerprint, "ranks": ranks, "details": details}
-        _atomic(lambda p: json.dump(record, open(p, "w"), default=str),
-                os.path.join(self.dir, "allocation.json"))
+        record = {"fingerprint": self.fingerprint, "ranks": ranks, "details": details,
+                  "seconds": self.seconds()}
+        _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
 
-    def _check(self, fingerprint: str) -> None:
-        if fingerprint != self.fingerprint:
+    def _check(self, saved: dict) -> None:
+        changed = _differences(saved, self.fingerprint)
+        if changed:
             raise RuntimeError(
-                f"checkpoint directory {self.dir} belongs to a run with other settings or data; "
-                "delete it (or pass another checkpoint directory) to start afresh")
+                f"checkpoint directory {self.dir} was written by a run with other settings: "
+                f"{'; '.join(changed)}. Rerun with the same ones to resume, or delete the "
+                "directory (or pass another checkpoint directory) to start afresh")
 
     def remove(self) -> None:
         """Delete what this run wrote (never anything else in the directory)."""
         for name in os.listdir(self.dir):
-            if name.startswith("layer_") or name in ("streams.pt", "progress.json", "allocation.json"):
+            base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
+            if base.startswith(("layer_", "streams_")) or base in ("progress.json", "allocation.json"):
                 os.remove(os.path.join(self.dir, name))
         if not os.listdir(self.dir):
             os.rmdir(self.dir)
 
-    def save(self, index: int, layer, arch: Architecture, streams: dict) -> None:
+    def save(self, index: int, layer, arch: Architecture, streams: dict, report: CompressionReport) -> None:
         from safetensors.torch import save_file
 
         tensors = {}
@@ -179,10 +203,21 @@ class Checkpoint:
             tensors[name + ".U"] = module.U.detach().contiguous().cpu()
             tensors[name + ".V"] = module.V.detach().contiguous().cpu()
         _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
+        stream_file = f"streams_{index:04d}.pt"
         _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),
-                os.path.join(self.dir, "streams.pt"))
-        _atomic(lambda p: json.dump({"next_layer": index + 1, "fingerprint": self.fingerprint},
-                                    open(p, "w")), self.progress_file)
+                os.path.join(self.dir, stream_file))
+        progress = {"next_layer": index + 1, "fingerprint": self.fingerprint, "streams": stream_file,
+                    "seconds": self.seconds(),
+                    "report": {key: getattr(report, key) for key in REPORT_FIELDS}}
+        _atomic(lambda p: _write_json(progress, p), self.progress_file)
+        for name in os.listdir(self.dir):  # older stream files are superseded only now
+            if name.startswith("streams_") and name != stream_file and not name.endswith(".tmp"):
+                os.remove(os.path.join(self.dir, name))
+
+
+def _write_json(record, path):
+    with open(path, "w") as f:
+        json.dump(record, f, default=str)
 
 
 def _atomic(write, path: str) -> None:
@@ -191,12 +226,44 @@ def _atomic(write, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(model, windows: torch.Tensor, cfg: CompressionConfig) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    h.update(windows.numpy().tobytes())
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def _fingerprint(model, windows: torch.Tensor, cfg: CompressionConfig, batch_size: int) -> dict:
+    """What a resumed run must share with the interrupted one to give the same factors."""
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    weights = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]  # exact values at fixed positions
+        weights.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        weights.update(sample.float().cpu().numpy().tobytes())
+    return {"config": cfg.to_dict(), "batch_size": batch_size,
+            "calibration": digest(windows.cpu().numpy().tobytes()) + f" {tuple(windows.shape)}",
+            "weights": weights.hexdigest()[:16],
+            "model_config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """Readable names of what changed between a checkpoint's fingerprint and this run's."""
+    if not isinstance(saved, dict):
+        return ["a checkpoint from an older svdkern version"]
+    out = []
+    for key, value in now.items():
+        before = saved.get(key)
+        if before == value:
+            continue
+        if key == "config":
+            keys = sorted(k for k in set(value) | set(before or {}) if (before or {}).get(k) != value.get(k))
+            out.append("method settings " + ", ".join(f"{k} {(before or {}).get(k)} -> {value.get(k)}" for k in keys))
+        elif key == "batch_size":
+            out.append(f"batch size {before} -> {value}")
+        elif key == "calibration":
+            out.append(f"calibration windows (data, nsamples, seqlen or seed; shape {before} -> {value})")
+        elif key == "weights":
+            out.append("the model's weights")
+        else:
+            out.append("the model's configuration")
+    return out
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -230,9 +297,10 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _plain_svd(layers, arch, cfg, report, device, progress)
         else:
             _check_calibration_size(windows, layers[0], arch)
+            ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg, batch_size), started)
+                    if checkpoint_dir else None)
+            saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
             inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
-            ckpt = Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg)) if checkpoint_dir else None
-            saved = ckpt.load_allocation() if ckpt is not None else None
             if saved is None:
                 ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
                                           batch_size, progress, log)
@@ -246,6 +314,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _sequential(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
             if ckpt is not None:
                 ckpt.remove()
+                started -= ckpt.previous_seconds  # a resumed run reports the time of all its parts
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -277,12 +346,12 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
 
 
 def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress, ckpt, log):
-    streams = {"fp": inputs.hidden}
-    if cfg.stream != "fp":
-        streams["compressed"] = list(inputs.hidden)
+    streams = {"fp": inputs.hidden} if cfg.stream == "fp" else {"compressed": list(inputs.hidden)}
+    if cfg.stream == "both":
+        streams["fp"] = inputs.hidden
     start = 0
     if ckpt is not None:
-        start, saved = ckpt.load(layers, arch)
+        start, saved = ckpt.load(layers, arch, report)
         if saved is not None:
             streams = saved
             log(f"resuming from {ckpt.dir} at layer {start}")
@@ -318,7 +387,7 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                 streams["compressed"] = propagate(layer, streams["compressed"], kwargs, device, offload)
             layers[i] = layer.to(offload) if offload != device else layer
             if ckpt is not None:
-                ckpt.save(i, layers[i], arch, streams)
+                ckpt.save(i, layers[i], arch, streams, report)
         except KeyboardInterrupt:
             if ckpt is not None:
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "

@@ -64,54 +64,48 @@ def allocate(model, layers, arch, windows, inputs, cfg, device, offload, batch_s
 
 
 def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:
-    """ERC's PLC: choose k by the final-layer error on the FP model (first N−k layers dense)."""
+    """ERC's PLC: choose k by the final-layer error on the FP model (first N−k layers dense).
+
+    One pass over the layers carries the FP stream and one stream per candidate k (started at
+    layer N−k from the FP stream); each layer's statistics and stage-1 SVDs are computed once,
+    used by every candidate, and freed before the next layer, so memory stays at one layer's
+    statistics plus the activations, like the other methods.
+    """
     N = len(layers)
     candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
     first_needed = N - max(candidates)
-    starts = {N - k for k in candidates}
     nb = len(inputs.hidden)
     search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
-    # One FP pass: Gram matrices of every layer, FP inputs where a candidate starts, FP output.
-    grams, fp_at = [], {}
-    hidden = inputs.hidden
-    for i in tqdm(range(N), desc="fp statistics", disable=not progress):
-        if i in starts:
-            fp_at[i] = hidden[:search_batches]
+    fp, trials = inputs.hidden, {}
+    for i in tqdm(range(N), desc="plc search", disable=not progress):
         layer = layers[i].to(device)
-        with group_grams(layer, arch, device, f"{i}.") as stats:
-            hidden = propagate(layer, hidden, inputs.kwargs[i], device, offload)
-        grams.append([st.mean() for st in stats])
+        kwargs = inputs.kwargs[i]
+        trials.update({k: fp[:search_batches] for k in candidates if N - k == i})
+        if i < first_needed:
+            fp = propagate(layer, fp, kwargs, device, offload)
+        else:
+            with group_grams(layer, arch, device, f"{i}.") as stats:
+                fp = propagate(layer, fp, kwargs, device, offload)
+            solved = {}  # stage-1 SVDs do not depend on k: once per matrix, re-truncated per candidate
+            for group, st in zip(arch.groups, stats):
+                wh = whiten(st.mean(), cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
+                for name in group:
+                    solved[name] = (wh, svd_of(target(layer.get_submodule(name).weight.detach(), wh), cfg.svd_dtype))
+            del stats
+            for k, hidden in trials.items():
+                trial = _plc_trial_layer(layer, arch, solved, plc_layer_ratio(N, cfg.ratio, k), cfg, i)
+                trials[k] = propagate(trial, hidden, kwargs[:search_batches], device, offload)
+                del trial
+            del solved
         layers[i] = layer.to(offload) if offload != device else layer
-    fp_out = hidden[:search_batches]
-    # Whitening and stage-1 SVD per matrix once; each candidate only re-truncates them.
-    solved = {}
-    for i in tqdm(range(first_needed, N), desc="whitened SVDs", disable=not progress):
-        for group, H in zip(arch.groups, grams[i]):
-            wh = whiten(H.to(device), cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
-            for name in group:
-                W = layers[i].get_submodule(name).weight.detach().to(device)
-                solved[(i, name)] = (wh, svd_of(target(W, wh), cfg.svd_dtype))
-
+    fp_out = fp[:search_batches]
+    den = sum(float((f.double() ** 2).sum()) for f in fp_out)
     errors = {}
-    for k in tqdm(candidates, desc="plc search", disable=not progress):
-        layer_ratio = plc_layer_ratio(N, cfg.ratio, k)
-        hidden = fp_at[N - k]
-        for i in range(N - k, N):
-            layer = copy.deepcopy(layers[i]).to(device)
-            for name in (n for g in arch.groups for n in g):
-                linear = layer.get_submodule(name)
-                m, n = linear.weight.shape
-                rank = rank_for_ratio(m, n, layer_ratio, f"layer {i} {name}")
-                wh, svd = solved[(i, name)]
-                U, V = factors_from_svd(linear.weight.detach(), svd, wh, rank,
-                                        residual_rank(m, n, rank, cfg.residual_beta), cfg.svd_dtype)
-                install(layer, name, U, V, linear)
-            hidden = propagate(layer, hidden, inputs.kwargs[i][:search_batches], device, offload)
-            del layer
-        num = sum(float(((h.double() - f.double()) ** 2).sum()) for h, f in zip(hidden, fp_out))
-        den = sum(float((f.double() ** 2).sum()) for f in fp_out)
+    for k in candidates:
+        num = sum(float(((h.double() - f.double()) ** 2).sum()) for h, f in zip(trials[k], fp_out))
         errors[k] = (num / den) ** 0.5
-        log(f"plc: last {k:3d} layers at ratio {layer_ratio:.4f}: final-layer relative error {errors[k]:.5f}")
+        log(f"plc: last {k:3d} layers at ratio {plc_layer_ratio(N, cfg.ratio, k):.4f}: "
+            f"final-layer relative error {errors[k]:.5f}")
     best = min(errors, key=errors.get)
     layer_ratio = plc_layer_ratio(N, cfg.ratio, best)
     log(f"plc: compressing the last {best} of {N} layers at ratio {layer_ratio:.4f}")
@@ -125,3 +119,16 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
     return ranks, {"errors": errors, "layers": best, "layer_ratio": layer_ratio,
                    "search_windows": sum(h.shape[0] for h in fp_out)}
 
+
+def _plc_trial_layer(layer, arch, solved, layer_ratio, cfg, index):
+    """A copy of `layer` with every matrix REC-compressed at `layer_ratio` from its stage-1 SVD."""
+    trial = copy.deepcopy(layer)
+    for name in (n for g in arch.groups for n in g):
+        linear = trial.get_submodule(name)
+        m, n = linear.weight.shape
+        rank = rank_for_ratio(m, n, layer_ratio, f"layer {index} {name}")
+        wh, svd = solved[name]
+        U, V = factors_from_svd(linear.weight.detach(), svd, wh, rank,
+                                residual_rank(m, n, rank, cfg.residual_beta), cfg.svd_dtype)
+        install(trial, name, U, V, linear)
+    return trial

@@ -12,26 +12,26 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def tiny_config(model_type: str):
-    """A 2-layer random-weight config of each supported family (GQA where the family has it)."""
+def tiny_config(model_type: str, layers: int = 2):
+    """A small random-weight config of each supported family (GQA where the family has it)."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=128, num_hidden_layers=2, max_position_embeddings=128)
+    common = dict(vocab_size=128, num_hidden_layers=layers, max_position_embeddings=128)
     if model_type == "opt":
         return AutoConfig.for_model("opt", hidden_size=48, ffn_dim=96, num_attention_heads=4,
                                     word_embed_proj_dim=48, **common)
     extra = dict(head_dim=12) if model_type.startswith("gemma") else {}
     if model_type == "gemma3_text":
-        extra.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        extra.update(sliding_window=16, layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
     return AutoConfig.for_model(model_type, hidden_size=48, intermediate_size=96,
                                 num_attention_heads=4, num_key_value_heads=2, **extra, **common)
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32):
+def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, layers: int = 2):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers), dtype=dtype)
     # Random init leaves the factors' spectrum flat; larger weights make the layers nonlinear
     # enough that sequential methods differ measurably from one-shot ones.
     with torch.no_grad():

@@ -32,6 +32,7 @@ def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "dense model: perplexity" in text and "compressed model: perplexity" in text
+    assert text.count("on WikiText-2 test") == 2  # every perplexity names its text
     assert "over the compressed decoder linears" in text and "peak memory" in text
     assert not (tmp_path / "out.partial").exists()
     assert main(["eval", str(out), "--seqlen", "64", "--windows", "3", "--device", "cpu"]) == 0
@@ -63,3 +64,80 @@ def test_eval_of_a_corrupt_checkpoint(tmp_path, capsys):
     (tmp_path / "bad" / "svdkern.json").write_text("{}")
     rc = main(["eval", str(tmp_path / "bad"), "--device", "cpu"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1.5"], "between 0 and 1"),
+    (["--ratio", "0"], "between 0 and 1"),
+    (["--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--seqlen", "1"], "--seqlen must be at least 2"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--eval-windows", "0"], "--eval-windows must be at least 1"),
+    (["--calib", "/no/such.txt"], "neither 'wikitext2' nor an existing text file"),
+    (["--model", "/no/such/model"], "no model at /no/such/model: the path does not exist"),
+    (["--model", "EMPTY"], "holds no model (no config.json)"),
+    (["--model", "no-such-org/no-such-model"], "the hub is unreachable (offline)"),
+])
+def test_bad_arguments_fail_before_anything_loads(args, message, tmp_path, capsys, monkeypatch):
+    import svdkern.api
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(svdkern.api, "load_model", no_loading)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rc = main(["compress", "--out", "o", "--device", "cpu", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["EMPTY"]  # nothing written
+
+
+def test_what_needs_the_model_is_checked_before_the_dense_evaluation(model_dir, tmp_path, capsys, monkeypatch):
+    import svdkern.evaluate
+    import svdkern.preflight
+
+    def no_evaluation(*_a, **_k):
+        raise AssertionError("the dense evaluation ran before the run was checked")
+
+    monkeypatch.setattr(svdkern.evaluate, "perplexity", no_evaluation)
+    base = ["compress", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*base, "--seqlen", "100000"]) == 2
+    assert "exceeds the model's context length 2048" in capsys.readouterr().err
+    monkeypatch.setattr(svdkern.preflight, "available_host_bytes", lambda: 2 ** 20)
+    assert main([*base, "--seqlen", "64"]) == 2
+    assert "GiB of host memory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_ends_cleanly_and_the_rerun_resumes_without_redoing_the_dense_evaluation(
+        model_dir, tmp_path, capsys, monkeypatch):
+    import svdkern.evaluate
+    import svdkern.pipeline
+
+    args = ["compress", "--model", str(model_dir), "--method", "ep-svd-llm", "--ratio", "0.3",
+            "--nsamples", "4", "--seqlen", "64", "--eval-windows", "2", "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--batch-size", "2"]
+    real_atomic, calls = svdkern.pipeline._atomic, [0]
+
+    def interrupted(write, path):
+        calls[0] += 1
+        if calls[0] == 3:  # during layer 0's checkpoint
+            raise KeyboardInterrupt
+        real_atomic(write, path)
+
+    monkeypatch.setattr(svdkern.pipeline, "_atomic", interrupted)
+    assert main(args) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith("interrupted") and "Traceback" not in captured.err
+    assert "dense_eval.json" in {p.name for p in (tmp_path / "o.partial").iterdir()}
+    monkeypatch.setattr(svdkern.pipeline, "_atomic", real_atomic)
+    real_ppl, evaluated = svdkern.evaluate.perplexity, []
+    monkeypatch.setattr(svdkern.evaluate, "perplexity",
+                        lambda *a, **k: evaluated.append(1) or real_ppl(*a, **k))
+    assert main(args) == 0
+    assert len(evaluated) == 1  # the compressed model only: the dense result was kept
+    assert "dense model: perplexity" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]

@@ -35,15 +35,19 @@ def test_every_method_runs_and_removes_the_budget(method, windows):
     assert report.block_params_after >= (1 - 0.4) * report.block_params_before - slack
 
 
-def test_whitening_beats_plain_svd_and_sequential_methods_differ(windows):
+def test_whitening_beats_plain_svd_and_error_compensation_beats_both(windows):
+    """End-to-end output error on the calibration windows (seed 2: 1.30 / 1.11 / 1.12 / 0.88 / 0.97)."""
     dense = tiny_model("llama", seed=2)
     errors, got = {}, {}
-    for method in ("svd", "svd-llm", "sc-svd-llm", "ep-svd-llm"):
+    for method in ("svd", "svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd"):
         model = tiny_model("llama", seed=2)
         svdkern.compress(model, method, 0.5, calib=windows, **QUIET)
         errors[method] = output_error(model, dense, windows)
         got[method] = factors(model)
-    assert errors["svd-llm"] < errors["svd"]
+    assert errors["svd-llm"] < 0.9 * errors["svd"]
+    # compensating the propagated error is the point of the two-stream methods
+    assert errors["ep-svd-llm"] < 0.9 * min(errors["svd-llm"], errors["sc-svd-llm"])
+    assert errors["saes-svd"] < 0.95 * min(errors["svd-llm"], errors["sc-svd-llm"])
     key = "model.layers.1.self_attn.q_proj"
     assert not torch.allclose(got["sc-svd-llm"][key][0], got["svd-llm"][key][0])
     # the first group of layer 0 sees identical inputs in every stream
@@ -58,13 +62,6 @@ def test_two_streams_with_beta_zero_equal_sc(windows):
     fa, fb = factors(a), factors(b)
     for name in fa:
         torch.testing.assert_close(fa[name][0] @ fa[name][1], fb[name][0] @ fb[name][1], rtol=1e-5, atol=1e-6)
-
-
-def test_saes_picks_betas_in_range(windows):
-    model = tiny_model("llama", seed=4)
-    svdkern.compress(model, "saes-svd", 0.3, calib=windows, aces_range=(0.3, 0.6), **QUIET)
-    betas = model._svdkern_report.betas
-    assert len(betas) == 14 and all(0.3 <= b <= 0.6 for b in betas.values())
 
 
 def test_plc_compresses_only_the_last_layers_exactly(windows):
@@ -112,59 +109,6 @@ def test_nan_activations_are_reported(windows):
 def test_too_few_calibration_tokens(windows):
     with pytest.raises(ValueError, match="fewer than the widest layer input"):
         svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows[:2, :10], **QUIET)
-
-
-@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm", "best"])
-def test_interrupted_run_resumes_to_the_same_result(method, windows, tmp_path, monkeypatch):
-    reference = tiny_model("llama", seed=5)
-    svdkern.compress(reference, method, 0.3, calib=windows, **QUIET)
-
-    import svdkern.pipeline as pipeline
-
-    model = tiny_model("llama", seed=5)
-    real_save = pipeline.Checkpoint.save
-
-    def save_then_stop(self, index, *args):
-        real_save(self, index, *args)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline.Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"), **QUIET)
-    monkeypatch.setattr(pipeline.Checkpoint, "save", real_save)
-
-    def no_second_allocation(*_args, **_kwargs):
-        raise AssertionError("a resumed run must reuse the checkpointed allocation")
-
-    monkeypatch.setattr(pipeline, "allocate", no_second_allocation)
-    logs = []
-    fresh = tiny_model("llama", seed=5)
-    svdkern.compress(fresh, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ck"),
-                     progress=False, log=logs.append)
-    assert any("resuming" in line and "layer 1" in line for line in logs)
-    ref, got = factors(reference), factors(fresh)
-    for name in ref:
-        torch.testing.assert_close(got[name][0], ref[name][0])
-        torch.testing.assert_close(got[name][1], ref[name][1])
-    assert not (tmp_path / "ck").exists()
-
-
-def test_resume_refuses_other_settings(windows, tmp_path, monkeypatch):
-    import svdkern.pipeline as pipeline
-
-    real_save = pipeline.Checkpoint.save
-
-    def save_then_stop(self, index, *args):
-        real_save(self, index, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline.Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        svdkern.compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
-    monkeypatch.setattr(pipeline.Checkpoint, "save", real_save)
-    with pytest.raises(RuntimeError, match="other settings"):
-        svdkern.compress(tiny_model("llama"), "svd-llm", 0.5, calib=windows, checkpoint_dir=str(tmp_path), **QUIET)
 
 
 def test_config_validation():

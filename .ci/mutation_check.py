@@ -1,0 +1,91 @@
+"""Plant each known class of method bug and check that a fast test fails (issue 13).
+
+    python .ci/mutation_check.py [NAME ...]      # all mutants by default; restores the sources
+
+Each mutant is one textual edit of the engine. A mutant that survives (every test passes) is a
+hole in the tests; the script exits 1 and names it.
+"""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_method_oracles.py", "tests/test_solvers.py", "tests/test_pipeline.py",
+         "tests/test_resume.py"]
+
+# name -> (file, original text, mutated text)
+MUTANTS = {
+    "delta sign flipped": (
+        "svdkern/solvers/factorize.py", "G = G + beta * wh.right_inv_t(", "G = G - beta * wh.right_inv_t("),
+    "delta transposed": (
+        "svdkern/solvers/factorize.py", "W @ delta.to(torch.float64)", "W @ delta.to(torch.float64).T"),
+    "aces beta fixed at an interval end": (
+        "svdkern/pipeline.py", "beta = aces_beta(coef, cfg.aces_range)", "beta = cfg.aces_range[0]"),
+    "svd-llm propagates the compressed layer": (
+        "svdkern/pipeline.py",
+        "                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)\n",
+        "                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)\n"
+        "                streams[\"fp\"] = propagate(layer, fp_in, kwargs, device, offload)\n"),
+    "rec stage 2 in the whitened metric": (
+        "svdkern/solvers/factorize.py", "R = W.to(torch.float64) - U1 @ V1",
+        "R = (W.to(torch.float64) - U1 @ V1) @ (wh.P if wh is not None else 1)"),
+    "plc searches at ratio R instead of N*R/k": (
+        "svdkern/policy.py", "_plc_trial_layer(layer, arch, solved, plc_layer_ratio(N, cfg.ratio, k), cfg, i)",
+        "_plc_trial_layer(layer, arch, solved, cfg.ratio, cfg, i)"),
+    "sc computes all group Grams before replacing any group": (
+        "svdkern/pipeline.py",
+        "                    H, delta, held_out = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs,\n"
+        "                                                      device, prefix, holdout)\n",
+        "                    H, delta, held_out = _group_stats(layer_before, fp_inputs, g, group[0], streams,\n"
+        "                                                      kwargs, device, prefix, holdout)\n"),
+    # resume: the checkpoint must name everything that shapes the factors, and keep the report
+    "resume ignores the batch size": (
+        "svdkern/pipeline.py", '"batch_size": batch_size,', '"batch_size": None,'),
+    "resume forgets the report entries": (
+        "svdkern/pipeline.py", 'getattr(report, key).update(progress["report"][key])', "pass"),
+    "resume reads the newest stream file, not the one progress names": (
+        "svdkern/pipeline.py", 'os.path.join(self.dir, progress["streams"])',
+        'os.path.join(self.dir, sorted(f for f in os.listdir(self.dir) if f.startswith("streams_") '
+        'and f.endswith(".pt"))[-1])'),
+}
+# the "all Grams first" mutant needs the untouched layer at hand
+SETUP = {"sc computes all group Grams before replacing any group": (
+    "svdkern/pipeline.py", "                for g, group in enumerate(arch.groups):\n"
+    "                    if all(ranks[prefix + n] is None for n in group):",
+    "                layer_before = copy.deepcopy(layer)\n"
+    "                for g, group in enumerate(arch.groups):\n"
+    "                    if all(ranks[prefix + n] is None for n in group):")}
+
+
+def edit(path, old, new):
+    file = ROOT / path
+    text = file.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"mutant anchor not found exactly once in {path}: {old!r}")
+    file.write_text(text.replace(old, new))
+
+
+def main(names):
+    survivors = []
+    for name in names or MUTANTS:
+        touched = {MUTANTS[name][0]} | ({SETUP[name][0]} if name in SETUP else set())
+        saved = {p: (ROOT / p).read_text() for p in touched}
+        try:
+            if name in SETUP:
+                edit(*SETUP[name])
+            edit(*MUTANTS[name])
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow",
+                                  "-p", "no:cacheprovider", *TESTS], cwd=ROOT, capture_output=True, text=True)
+        finally:
+            for p, text in saved.items():
+                (ROOT / p).write_text(text)
+        failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+        print(f"{'caught' if run.returncode else 'SURVIVED'}: {name}" + (f"  <- {failed[0]}" if failed else ""),
+              flush=True)
+        if run.returncode == 0:
+            survivors.append(name)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

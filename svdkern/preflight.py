@@ -1,0 +1,155 @@
+"""Checks that run before the expensive work: where a model is, whether the hub is reachable,
+whether a run's sequence length and memory fit. Each failure is one line naming the fix.
+
+A bad argument costs nothing here; found after a model load and a dense evaluation it costs
+minutes (an hour on a large vocabulary), and a run that outgrows memory is killed by the OS.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+
+from .io import METADATA
+
+GIB = 2 ** 30
+
+
+class PreflightError(ValueError):
+    """An argument or resource that would make the run fail later."""
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE says so, or the hub does not answer within two seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+def go_offline_if_unreachable() -> bool:
+    """Set HF_HUB_OFFLINE when the hub is unreachable, so hub clients fail (or use their cache)
+    at once instead of retrying for half a minute. Call before transformers is imported."""
+    offline = hub_offline()
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return offline
+
+
+def check_model_source(spec: str) -> None:
+    """Refuse a model argument that cannot name a model, before anything loads."""
+    if spec == "smollm2":
+        return
+    path = os.path.expanduser(spec)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise PreflightError(f"no GGUF file at {spec}")
+        return
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", METADATA)):
+            return
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        hint = f"; pass the file itself: --model {os.path.join(spec, ggufs[0])}" if ggufs else ""
+        raise PreflightError(f"{spec} is a directory but holds no model (no config.json){hint}")
+    looks_local = spec.startswith(("/", "./", "../", "~")) or os.path.exists(path) or spec.count("/") > 1
+    if looks_local:
+        raise PreflightError(f"no model at {spec}: the path does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec):
+        raise PreflightError(f"{spec} is neither a local path nor in the Hugging Face cache, and the "
+                             "hub is unreachable (offline): download it first or pass a local directory")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def check_text_source(source: str) -> None:
+    if source != "wikitext2" and not os.path.isfile(os.path.expanduser(source)):
+        raise PreflightError(f"text source {source!r} is neither 'wikitext2' nor an existing text file")
+
+
+def check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PreflightError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+
+def check_context(config, seqlen: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise PreflightError(f"--seqlen {seqlen} exceeds the model's context length {limit} "
+                             "(max_position_embeddings): lower --seqlen")
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict            # what -> bytes, on the host
+    device_parts: dict     # what -> bytes, on the accelerator (empty on CPU runs)
+
+    def describe(self, parts: dict) -> str:
+        return ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
+
+
+def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, batch_size: int,
+                    eval_windows: int | None, device: str, fp_cache_bytes: int = 4 << 30) -> MemoryEstimate:
+    """Peak bytes of a compress/eval run, by its largest terms (an estimate, not a bound)."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "word_embed_proj_dim", 0)
+    vocab = getattr(cfg, "vocab_size", 0)
+    itemsize = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    host, dev = {}, {}
+    (dev if device != "cpu" else host)["model weights"] = weights
+    if stream is not None:
+        tokens = nsamples * seqlen
+        streams = {"fp": 1, "compressed": 1, "both": 2}[stream]
+        # each stream's activations, plus the next layer's while the old ones are alive
+        host["calibration activations"] = 2 * streams * tokens * hidden * itemsize
+        if stream == "both":
+            host["FP group-input cache"] = min(fp_cache_bytes, tokens * hidden * 4 * 4)
+    if eval_windows:
+        # fp32 logits of one evaluation batch, their copy and the cross-entropy's
+        (dev if device != "cpu" else host)["evaluation logits"] = 3 * min(4, eval_windows) * seqlen * vocab * 4
+    return MemoryEstimate(host, dev)
+
+
+def available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(estimate: MemoryEstimate, device: str, already_loaded: bool = True) -> None:
+    """Refuse a run whose estimate exceeds what is free; the weights are already resident."""
+    fix = "lower --nsamples, --seqlen or --batch-size (or --eval-windows)"
+    free = available_host_bytes()
+    need = sum(v for k, v in estimate.parts.items() if not (already_loaded and k == "model weights"))
+    if free is not None and need > free:
+        raise PreflightError(f"this run needs about {need / GIB:.1f} GiB of host memory "
+                             f"({estimate.describe(estimate.parts)}) and {free / GIB:.1f} GiB is "
+                             f"available: {fix}")
+    if estimate.device_parts and torch.cuda.is_available() and device.startswith("cuda"):
+        free_dev, _ = torch.cuda.mem_get_info(torch.device(device))
+        need = sum(v for k, v in estimate.device_parts.items() if not (already_loaded and k == "model weights"))
+        if need > free_dev:
+            raise PreflightError(f"this run needs about {need / GIB:.1f} GiB on {device} "
+                                 f"({estimate.describe(estimate.device_parts)}) and "
+                                 f"{free_dev / GIB:.1f} GiB is free: {fix}")

@@ -1,0 +1,163 @@
+"""Resume: an interrupted run (Ctrl-C, or a process killed at any instant) resumes to the
+uninterrupted run's factors and report, and refuses, naming what changed, when it cannot."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import svdkern
+import svdkern.blocks as blocks
+import svdkern.pipeline as pipeline
+
+from conftest import REPO, tiny_model
+
+QUIET = dict(progress=False, log=lambda *_: None)
+METHODS = ["svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd", "erc-svd", "best"]
+LAYERS = 3
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even `except KeyboardInterrupt`."""
+
+
+def factors(model):
+    return {n: (m.U.detach().clone(), m.V.detach().clone()) for n, m in model.named_modules()
+            if isinstance(m, svdkern.LowRankLinear)}
+
+
+def run(method, windows, ckpt=None, seed=5, batch_size=4, **knobs):
+    model = tiny_model("llama", seed=seed, layers=LAYERS)
+    svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=ckpt, batch_size=batch_size,
+                     **knobs, **QUIET)
+    return model
+
+
+def assert_same_run(got, want):
+    fg, fw = factors(got), factors(want)
+    assert fg.keys() == fw.keys()
+    for name in fw:
+        assert torch.equal(fg[name][0], fw[name][0]) and torch.equal(fg[name][1], fw[name][1]), name
+    rg, rw = got._svdkern_report, want._svdkern_report
+    for key in pipeline.REPORT_FIELDS + ("allocation", "plc"):
+        assert getattr(rg, key) == getattr(rw, key), key
+
+
+def count_calls(monkeypatch, module, name, method, windows, ckpt):
+    """How many times an uninterrupted, checkpointed run calls module.name."""
+    real, calls = getattr(module, name), [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    run(method, windows, ckpt)
+    monkeypatch.setattr(module, name, real)
+    return calls[0]
+
+
+def interrupt_at(monkeypatch, module, name, when, exc, half_write=False):
+    real, calls = getattr(module, name), [0]
+
+    def interrupting(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == when:
+            if half_write:  # died after writing the temporary file, before the rename
+                args[0](args[1] + ".tmp")
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    return real
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_and_kill_at_random_points_resume_exactly(method, windows, tmp_path, monkeypatch):
+    rng = random.Random(method)
+    reference = run(method, windows)
+    layer_forwards = count_calls(monkeypatch, blocks, "run_layer", method, windows, str(tmp_path / "count"))
+    writes = count_calls(monkeypatch, pipeline, "_atomic", method, windows, str(tmp_path / "count"))
+    assert writes >= LAYERS  # every layer checkpoints (ERC's dense layers too)
+    cases = [("ctrl-c mid-layer", blocks, "run_layer", rng.randint(1, layer_forwards), KeyboardInterrupt, False),
+             ("killed mid-write", pipeline, "_atomic", rng.randint(1, writes), Killed, True),
+             ("killed between writes", pipeline, "_atomic", rng.randint(1, writes), Killed, False)]
+    for label, module, name, when, exc, half in cases:
+        ckpt = str(tmp_path / label.replace(" ", "-"))
+        real = interrupt_at(monkeypatch, module, name, when, exc, half)
+        with pytest.raises(exc):
+            run(method, windows, ckpt)
+        monkeypatch.setattr(module, name, real)
+        resumed = run(method, windows, ckpt)
+        assert_same_run(resumed, reference)
+        assert not os.path.exists(ckpt), label
+
+
+def test_resumed_run_reports_its_whole_time(windows, tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ck")
+    real = interrupt_at(monkeypatch, pipeline, "_atomic", 5, KeyboardInterrupt)  # in layer 1's save
+    with pytest.raises(KeyboardInterrupt):
+        run("ep-svd-llm", windows, ckpt)
+    monkeypatch.setattr(pipeline, "_atomic", real)
+    import json
+
+    with open(os.path.join(ckpt, "progress.json")) as f:
+        first_part = json.load(f)["seconds"]
+    resumed = run("ep-svd-llm", windows, ckpt)
+    assert first_part > 0 and resumed._svdkern_report.seconds > first_part
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(batch_size=2), "batch size 4 -> 2"),
+    (dict(seed=6), "the model's weights"),
+    (dict(knobs=dict(beta=0.25)), "beta 0.5 -> 0.25"),
+    (dict(windows=True), "calibration windows"),
+])
+def test_resume_with_other_inputs_is_refused_by_name(change, expected, windows, tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ck")
+    real = interrupt_at(monkeypatch, pipeline, "_atomic", 2, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run("ep-svd-llm", windows, ckpt)
+    monkeypatch.setattr(pipeline, "_atomic", real)
+    before = sorted(os.listdir(ckpt))
+    other = windows.flip(0) if change.get("windows") else windows
+    with pytest.raises(RuntimeError, match="other settings") as err:
+        run("ep-svd-llm", other, ckpt, seed=change.get("seed", 5), batch_size=change.get("batch_size", 4),
+            **change.get("knobs", {}))
+    assert expected in str(err.value)
+    assert sorted(os.listdir(ckpt)) == before  # a refused run touches nothing
+
+
+def test_a_killed_process_resumes_exactly(windows, tmp_path):
+    """A real SIGKILL in a child process, then resume here.
+
+    Writes: allocation, then per layer its factors, its stream file and progress.json. Dying at
+    write 7 leaves layer 1's stream file on disk with progress.json still at layer 0.
+    """
+    ckpt = str(tmp_path / "ck")
+    torch.save(windows, tmp_path / "windows.pt")
+    child = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import svdkern, svdkern.pipeline as pipeline
+        from conftest import tiny_model
+        real, calls = pipeline._atomic, [0]
+        def dying(write, path):
+            calls[0] += 1
+            if calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(write, path)
+        pipeline._atomic = dying
+        model = tiny_model("llama", seed=5, layers={LAYERS})
+        svdkern.compress(model, "ep-svd-llm", 0.3, calib=torch.load({str(tmp_path / 'windows.pt')!r}),
+                         checkpoint_dir={ckpt!r}, batch_size=4, progress=False, log=lambda *_: None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(os.listdir(ckpt)) == ["allocation.json", "layer_0000.safetensors", "layer_0001.safetensors",
+                                        "progress.json", "streams_0000.pt", "streams_0001.pt"]
+    assert_same_run(run("ep-svd-llm", windows, ckpt), run("ep-svd-llm", windows))

@@ -95,6 +95,9 @@ def cross_accumulate(D, delta, X):
     _check_gram_args(D, X, "D")
     if delta.shape != X.shape:
         raise ValueError(f"delta {tuple(delta.shape)} and X {tuple(X.shape)} must have one shape")
+    if delta.dtype != X.dtype:  # the CUDA kernel reads both with one type; checked on every backend
+        raise TypeError(f"delta ({delta.dtype}) and X ({X.dtype}) must share one dtype: cast both, "
+                        "e.g. to float32")
     torch.ops.svdkern.cross_accumulate(D, delta, X)
 
 

@@ -22,9 +22,11 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"rank must be at least 1; got {rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        # Frozen by default: a compressed model is for inference, and a trainable factor would
+        # send every call made outside no_grad down the unfused path. requires_grad_(True) to tune.
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw), requires_grad=False)
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
 
     @classmethod
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,

@@ -63,7 +63,8 @@ class CrossStats:
 
     def add(self, x_fp: torch.Tensor, x_hat: torch.Tensor) -> None:
         check_finite_activations(x_fp, self.name)
-        delta = (x_fp.float() - x_hat.float()).reshape(-1, x_hat.shape[-1])
+        x_hat = x_hat.float()  # δ needs fp32 (x_fp ≈ x̂ early on); the kernel takes one dtype
+        delta = (x_fp.float() - x_hat).reshape(-1, x_hat.shape[-1])
         with _no_tf32():
             cross_accumulate(self.D, delta, x_hat.reshape(-1, x_hat.shape[-1]))
         self.count += delta.shape[0]

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and svdkern.has_c
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("tokens,n", [(1, 1), (37, 17), (1000, 130), (2049, 577)])
 def test_gram_kernel_matches_fallback_and_oracle(dtype, acc, tokens, n):
-    X = torch.randn(tokens, n, device="cuda").to(dtype)
+    g = torch.Generator().manual_seed(tokens * 1000 + n)
+    X = torch.randn(tokens, n, generator=g).to("cuda", dtype)
     H = torch.zeros(n, n, device="cuda", dtype=acc)
     svdkern.gram_accumulate(H, X)
     H_fb = torch.zeros(n, n, device="cuda", dtype=acc)
@@ -26,7 +27,10 @@ def test_gram_kernel_matches_fallback_and_oracle(dtype, acc, tokens, n):
     ref = gram_ref(X.cpu())
     err = (symmetrize(H.double()).cpu() - ref).abs().max()
     err_fb = (symmetrize(H_fb.double()).cpu() - ref).abs().max()
-    assert err <= 2 * err_fb + 1e-6 * ref.abs().max()
+    # any fp32 summation order may lose ~sqrt(tokens) roundings of the largest |x_i||x_j| sums
+    Xa = X.double().abs().cpu()
+    order = 4 * tokens ** 0.5 * torch.finfo(torch.float32).eps * float((Xa.T @ Xa).max())
+    assert err <= 2 * err_fb + (order if acc == torch.float32 else 1e-9 * float(ref.abs().max()))
 
 
 def test_cross_kernel_matches_oracle():

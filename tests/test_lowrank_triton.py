@@ -170,3 +170,27 @@ def test_generate_runs_through_the_kernels(monkeypatch, windows):
     got = model.generate(prompt, **kwargs)
     assert torch.equal(got, expected)
     assert 5 in calls and 1 in calls  # the prefill and the one-token decode steps
+
+
+def test_strided_bias_is_read_by_its_stride():
+    """A bias that is a view (every other element of a wider tensor) must not be read as contiguous."""
+    x, U, V, _ = make(6, 21, 13, 5, torch.float32, bias=False)
+    wide = torch.randn(26, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    b = wide[::2]
+    y = triton_lowrank.lowrank_linear(x, U, V, b)
+    assert_within_torch_error(y, x, U, V, b)
+
+
+def test_layer_outside_no_grad_stays_fused_unless_trained(monkeypatch):
+    monkeypatch.setenv("SVDKERN_IMPL", "triton")
+    x, U, V, b = make(4, 24, 20, 5, torch.float32)
+    calls = []
+    real = triton_lowrank.lowrank_linear
+    monkeypatch.setattr(triton_lowrank, "lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    layer = svdkern.LowRankLinear.from_factors(U, V, b)
+    assert not any(p.requires_grad for p in layer.parameters())  # frozen: inference by default
+    y = layer(x)  # grad mode on, as in a plain script
+    assert len(calls) == 1 and not y.requires_grad
+    layer.requires_grad_(True)  # fine-tuning takes the autograd path and gets gradients
+    layer(x).sum().backward()
+    assert len(calls) == 1 and layer.U.grad is not None and layer.V.grad is not None

@@ -114,3 +114,10 @@ def test_opcheck_every_op():
     torch.library.opcheck(torch.ops.svdkern.cross_accumulate.default, (torch.zeros(5, 5), x, x.flip(0)))
     H = (x.T @ x + torch.eye(5)).double()
     torch.library.opcheck(torch.ops.svdkern.cholesky_whiten.default, (H, 1e-6, 1e-2))
+
+
+def test_cross_accumulate_rejects_mixed_dtypes_on_every_backend():
+    """The CUDA kernel reads δ and X with one type; the fallback must refuse what it would."""
+    D = torch.zeros(5, 5)
+    with pytest.raises(TypeError, match="share one dtype"):
+        svdkern.cross_accumulate(D, torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bfloat16))

@@ -144,6 +144,8 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias=None)
         (..., m) in x's dtype.
     """
     _check(x, U, V, bias)
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue reads bias[n] at unit stride (m elements: cheap)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     T, (m, k) = x2.shape[0], U.shape

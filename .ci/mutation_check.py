@@ -32,12 +32,12 @@ MUTANTS = {
     "plc searches at ratio R instead of N*R/k": (
         "svdkern/policy.py", "_plc_trial_layer(layer, arch, solved, plc_layer_ratio(N, cfg.ratio, k), cfg, i)",
         "_plc_trial_layer(layer, arch, solved, cfg.ratio, cfg, i)"),
-    "sc computes all group Grams before replacing any group": (
-        "svdkern/pipeline.py",
-        "                    H, delta, held_out = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs,\n"
-        "                                                      device, prefix, holdout)\n",
-        "                    H, delta, held_out = _group_stats(layer_before, fp_inputs, g, group[0], streams,\n"
-        "                                                      kwargs, device, prefix, holdout)\n"),
+    "sc computes all group inputs before replacing any group (staged executor)": (
+        "svdkern/pipeline.py", 'stages = (LlamaStages(layer, streams["compressed"]',
+        'stages = (LlamaStages(copy.deepcopy(layer), streams["compressed"]'),
+    "sc computes all group Grams before replacing any group (generic driver)": (
+        "svdkern/pipeline.py", "                            layer, lead, streams[\"compressed\"][b].to(device), kwargs[b])",
+        "                            layer_before, lead, streams[\"compressed\"][b].to(device), kwargs[b])"),
     # resume: the checkpoint must name everything that shapes the factors, and keep the report
     "resume ignores the batch size": (
         "svdkern/pipeline.py", '"batch_size": batch_size,', '"batch_size": None,'),
@@ -48,8 +48,8 @@ MUTANTS = {
         'os.path.join(self.dir, sorted(f for f in os.listdir(self.dir) if f.startswith("streams_") '
         'and f.endswith(".pt"))[-1])'),
 }
-# the "all Grams first" mutant needs the untouched layer at hand
-SETUP = {"sc computes all group Grams before replacing any group": (
+# the generic "all Grams first" mutant needs the untouched layer at hand
+SETUP = {"sc computes all group Grams before replacing any group (generic driver)": (
     "svdkern/pipeline.py", "                for g, group in enumerate(arch.groups):\n"
     "                    if all(ranks[prefix + n] is None for n in group):",
     "                layer_before = copy.deepcopy(layer)\n"

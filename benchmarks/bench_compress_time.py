@@ -1,10 +1,12 @@
-"""SVD-LLM compression time on SmolLM2 (dev protocol) against its floor, measured in one run.
+"""Compression time of each method on SmolLM2 (dev protocol) against its floor, in one run.
 
-Floor = one forward pass of the model over the calibration tokens + the SVD of every whitened
-target the method decomposes (same shapes, same dtype). The pipeline adds capture, Gram
-accumulation, Cholesky and triangular solves on top.
+Floor = one forward pass of the decoder layers over the calibration tokens per stream the method
+calibrates on (SVD-LLM and SC 1, EP and SAES 2; no lm_head, which no method needs) + the SVD of
+every whitened target it decomposes once (same shapes, fp64). SAES decomposes each target twice
+(ACES's subspaces, then G(β*)), which its row shows above the floor. The pipeline adds capture,
+statistics, Cholesky and triangular solves on top.
 
-    python benchmarks/bench_compress_time.py [--ratio 0.2]
+    python benchmarks/bench_compress_time.py [--ratio 0.2] [--methods svd-llm,sc-svd-llm,ep-svd-llm,saes-svd]
 """
 import argparse
 import copy
@@ -18,43 +20,52 @@ from svdkern.pipeline import compress_model
 from svdkern.presets import config_for
 
 
+STREAMS = {"fp": 1, "compressed": 1, "both": 2}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--methods", default="svd-llm,sc-svd-llm,ep-svd-llm,saes-svd")
     args = ap.parse_args()
     model, _, calib, _ = dev_protocol()
-    work = copy.deepcopy(model)
 
     with torch.no_grad():  # warm-up so neither side pays first-call costs
-        model(calib[:1])
+        model.model(calib[:1])
         t0 = time.perf_counter()
         for start in range(0, len(calib), args.batch_size):
-            model(calib[start:start + args.batch_size], use_cache=False)
+            model.model(calib[start:start + args.batch_size], use_cache=False)
         forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             torch.linalg.svd(module.weight.double(), full_matrices=False)
     svds = time.perf_counter() - t0
-    floor = forward + svds
 
-    report = compress_model(work, calib, config_for("svd-llm", args.ratio), batch_size=args.batch_size,
-                            progress=False, log=lambda *_: None)
+    rows = []
+    for method in args.methods.split(","):
+        cfg = config_for(method, args.ratio)
+        work = copy.deepcopy(model)
+        report = compress_model(work, calib, cfg, batch_size=args.batch_size, progress=False,
+                                log=lambda *_: None)
+        floor = STREAMS[cfg.stream] * forward + svds
+        rows.append(f"| {method} | {STREAMS[cfg.stream]} | {floor:.1f} | {report.seconds:.1f} | "
+                    f"**{report.seconds / floor:.2f}x** | {report.block_ratio:.4f} |")
+        print(rows[-1], flush=True)
+        del work
     lines = [
-        "# SVD-LLM compression time vs its floor (SmolLM2-135M, dev protocol, 64x512 tokens)",
+        "# Compression time vs its floor (SmolLM2-135M, dev protocol, 64x512 tokens)",
         "",
-        f"Measured {provenance()}. Command: `python benchmarks/bench_compress_time.py --ratio {args.ratio}`.",
+        f"Measured {provenance()}. Command: `python benchmarks/bench_compress_time.py --ratio {args.ratio} "
+        f"--methods {args.methods}`.",
         "",
-        "| step | seconds |",
-        "|---|---|",
-        f"| floor: one forward pass over the calibration tokens | {forward:.1f} |",
-        f"| floor: SVD of every compressed matrix (fp64) | {svds:.1f} |",
-        f"| floor total | {floor:.1f} |",
-        f"| svdkern SVD-LLM compression (ratio {args.ratio}) | {report.seconds:.1f} |",
-        f"| **compression / floor** | **{report.seconds / floor:.2f}x** |",
+        f"One forward pass of the decoder layers over the calibration tokens: {forward:.1f} s. "
+        f"SVD of every compressed matrix (fp64): {svds:.1f} s.",
         "",
-        f"Achieved ratio {report.block_ratio:.4f} (decoder linears), {report.model_ratio:.4f} (whole model).",
+        f"| method (ratio {args.ratio}) | streams | floor s | compression s | compression / floor | achieved ratio |",
+        "|---|---|---|---|---|---|",
+        *rows,
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -6,7 +6,8 @@
 Random weights; each method runs in its own process, at two depths (L and 2L layers), so the
 growth per layer shows whether memory is bounded by one layer (it should not grow) and the
 forward count extrapolates to 32 layers. Forwards are counted with hooks on every decoder layer
-(copies included): a pass that reaches the layer's end is a full forward, one stopped by a
+(copies included; the staged executor's pass over a layer's parts counts as one forward): a
+pass that reaches the layer's end is a full forward, one stopped by a
 capture hook is an early exit, weighted by the share of the layer's dense linear parameters it
 ran before stopping (so "forward equivalents" are comparable with full passes; the
 sensitivity pass's backward is not counted). lm_head and the embeddings are not counted.
@@ -83,6 +84,16 @@ def child(method: str, scale: int, layers: int, nsamples: int, seqlen: int, devi
         layer.register_forward_pre_hook(lambda *_: started.__setitem__(0, started[0] + 1))
         layer.register_forward_hook(lambda *_: finished.__setitem__(0, finished[0] + 1))
     exits = _count_early_exits(model)
+    from svdkern.staged import LlamaStages  # the staged executor runs a layer's parts, not the layer
+
+    real_outputs = LlamaStages.outputs
+
+    def counted_outputs(self):
+        started[0] += len(self.hidden)
+        finished[0] += len(self.hidden)
+        return real_outputs(self)
+
+    LlamaStages.outputs = counted_outputs
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

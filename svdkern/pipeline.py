@@ -32,6 +32,7 @@ from .solvers.factorize import factors_from_svd, svd_of, target
 from .solvers.rank import RatioError, check_saves_parameters, rank_for_ratio, residual_rank
 from .solvers.select import select_beta
 from .solvers.whiten import whiten
+from .staged import LlamaStages, stageable, staged_matches_layer
 from .stats import CrossStats, GramStats
 
 
@@ -356,6 +357,7 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
             streams = saved
             log(f"resuming from {ckpt.dir} at layer {start}")
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.stream}", disable=not progress)
+    staging = None  # decided on the first layer: does the staged executor reproduce it?
     for i in bar:
         layer = layers[i].to(device)
         kwargs = inputs.kwargs[i]
@@ -375,16 +377,27 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                     original = copy.deepcopy(layer)
                     fp_inputs, streams["fp"] = _fp_group_inputs(original, arch, streams["fp"], kwargs,
                                                                 device, offload, cfg.fp_cache_bytes)
+                if staging is None:
+                    staging = _can_stage(layer, arch, streams["compressed"], kwargs, device, cfg)
+                # refinement changes the factors after the last group: it needs a plain propagation
+                stages = (LlamaStages(layer, streams["compressed"], kwargs, device, offload)
+                          if staging and not cfg.refine_epochs else None)
                 for g, group in enumerate(arch.groups):
                     if all(ranks[prefix + n] is None for n in group):
                         continue
+                    if stages is not None:
+                        x_hat = lambda b, g=g: stages.group_input(g, b)  # noqa: E731
+                    else:
+                        x_hat = lambda b, lead=group[0]: input_of(  # noqa: E731
+                            layer, lead, streams["compressed"][b].to(device), kwargs[b])
                     holdout = _holdout(cfg, len(kwargs)) if cfg.beta_grid else 0
-                    H, delta, held_out = _group_stats(layer, fp_inputs, g, group[0], streams, kwargs,
-                                                      device, prefix, holdout)
+                    H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_inputs, g,
+                                                      x_hat, len(kwargs), device, prefix + group[0], holdout)
                     compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
                 if cfg.refine_epochs:
                     _refine(layer, streams["compressed"], streams["fp"], kwargs, cfg, report, i, device)
-                streams["compressed"] = propagate(layer, streams["compressed"], kwargs, device, offload)
+                streams["compressed"] = (stages.outputs() if stages is not None else
+                                         propagate(layer, streams["compressed"], kwargs, device, offload))
             layers[i] = layer.to(offload) if offload != device else layer
             if ckpt is not None:
                 ckpt.save(i, layers[i], arch, streams, report)
@@ -455,21 +468,20 @@ def _fp_group_inputs(original, arch, hidden, kwargs, device, offload, budget_byt
     return _Cached(inputs), out
 
 
-def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: list, device, prefix,
-                 holdout: int = 0):
+def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name: str, holdout: int = 0):
     """Ĥ and Δ (Δ against the FP stream's inputs, for two streams) for group g.
 
+    x_hat_of(b): the compressed stream's input of the group for micro-batch b (n channels).
     Returns (H, Δ, held_out): held_out is None, or (H_fit, Δ_fit, H_val, Δ_val) split at the last
     `holdout` micro-batches, for choosing β per matrix.
     """
-    n = layer.get_submodule(lead).in_features
     parts = 2 if holdout and fp_inputs is not None else 1  # split only when β is chosen
-    split = len(kwargs) - holdout
-    grams = [GramStats(n, device, name=prefix + lead) for _ in range(parts)]
-    crosses = [CrossStats(n, device, name=prefix + lead) for _ in range(parts)] if fp_inputs is not None else None
-    for b, kw in enumerate(kwargs):
+    split = batches - holdout
+    grams = [GramStats(n, device, name=name) for _ in range(parts)]
+    crosses = [CrossStats(n, device, name=name) for _ in range(parts)] if fp_inputs is not None else None
+    for b in range(batches):
         part = int(b >= split) if parts == 2 else 0
-        x_hat = input_of(layer, lead, streams["compressed"][b].to(device), kw)
+        x_hat = x_hat_of(b)
         grams[part].add(x_hat)
         if crosses is not None:
             crosses[part].add(fp_inputs.get(g, b).to(device), x_hat)
@@ -477,3 +489,14 @@ def _group_stats(layer, fp_inputs, g: int, lead: str, streams: dict, kwargs: lis
         return grams[0].mean(), (crosses[0].mean() if crosses is not None else None), None
     held_out = (grams[0].mean(), crosses[0].mean(), grams[1].mean(), crosses[1].mean())
     return grams[0].merged(grams[1]).mean(), crosses[0].merged(crosses[1]).mean(), held_out
+
+
+def _can_stage(layer, arch, hidden, kwargs, device, cfg) -> bool:
+    """Stage this run's layers when the layer has the Llama shape, reproduces its own forward,
+    and the down_proj inputs of all micro-batches fit the cache budget."""
+    if not stageable(layer, arch.groups):
+        return False
+    tokens = sum(h.shape[:-1].numel() for h in hidden)
+    if tokens * layer.get_submodule("mlp.down_proj").in_features * 4 > cfg.fp_cache_bytes:
+        return False
+    return staged_matches_layer(layer, hidden, kwargs, device)

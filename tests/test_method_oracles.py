@@ -123,16 +123,18 @@ def compressed(model_type, method, windows, ratio=0.4, seed=7, **knobs):
     return dense, model
 
 
-@pytest.mark.parametrize("method,stream,beta", [
-    ("svd-llm", "fp", 0.0), ("sc-svd-llm", "compressed", 0.0), ("ep-svd-llm", "both", 0.5)])
-def test_methods_match_the_reference_driver(method, stream, beta, windows):
-    dense, model = compressed("llama", method, windows)
+@pytest.mark.parametrize("model_type,method,stream,beta", [
+    ("llama", "svd-llm", "fp", 0.0), ("llama", "sc-svd-llm", "compressed", 0.0),
+    ("llama", "ep-svd-llm", "both", 0.5), ("opt", "sc-svd-llm", "compressed", 0.0)])
+def test_methods_match_the_reference_driver(model_type, method, stream, beta, windows):
+    dense, model = compressed(model_type, method, windows)
     want, _ = reference(dense, windows, stream, 0.4, beta)
     assert worst_relative_gap(engine_products(model), want) < 2e-4
 
 
-@pytest.mark.parametrize("model_type", ["opt", "gemma"])
+@pytest.mark.parametrize("model_type", ["opt", "gemma", "gemma2"])
 def test_two_streams_match_the_reference_on_other_architectures(model_type, windows):
+    """Gemma 1 runs the staged executor like Llama; OPT and Gemma 2 (extra norms) the generic one."""
     dense, model = compressed(model_type, "ep-svd-llm", windows)
     want, _ = reference(dense, windows, "both", 0.4, 0.5)
     assert worst_relative_gap(engine_products(model), want) < 2e-4

@@ -135,3 +135,39 @@ def test_fp_group_input_cache_changes_nothing(windows):
     fa, fb = factors(cached), factors(recomputed)
     for name in fa:
         assert torch.equal(fa[name][0], fb[name][0]) and torch.equal(fa[name][1], fb[name][1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma"])
+def test_staged_executor_reproduces_the_layer_and_the_generic_driver(model_type, windows, monkeypatch):
+    import svdkern.pipeline as pipeline
+    from svdkern.blocks import capture_layer_inputs, run_layer
+    from svdkern.staged import LlamaStages, stageable
+
+    model = tiny_model(model_type, seed=9)
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers_path)
+    assert stageable(layers[0], arch.groups)
+    inputs = capture_layer_inputs(model, layers, windows, 4, "cpu", "cpu")
+    with torch.no_grad():
+        staged = LlamaStages(layers[0], inputs.hidden, inputs.kwargs[0], "cpu", "cpu").outputs()
+        for got, h, kw in zip(staged, inputs.hidden, inputs.kwargs[0]):
+            torch.testing.assert_close(got, run_layer(layers[0], h, kw), rtol=1e-5, atol=1e-6)
+    runs = {}
+    for label, allowed in (("staged", True), ("generic", False)):
+        if not allowed:
+            monkeypatch.setattr(pipeline, "_can_stage", lambda *a: False)
+        work = tiny_model(model_type, seed=9)
+        compress_model(work, windows, config_for("ep-svd-llm", 0.4), **QUIET)
+        runs[label] = factors(work)
+    for name, (U, V) in runs["generic"].items():
+        Us, Vs = runs["staged"][name]
+        torch.testing.assert_close(Us @ Vs, U @ V, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "opt"])
+def test_layers_with_other_shapes_are_not_staged(model_type):
+    from svdkern.staged import stageable
+
+    model = tiny_model(model_type)
+    arch = architecture_of(model)
+    assert not stageable(model.get_submodule(arch.layers_path)[0], arch.groups)

@@ -87,12 +87,18 @@ def test_bad_inputs_are_rejected(bad, match):
         triton_lowrank.lowrank_linear(*bad(x, U, V))
 
 
-def test_op_and_layer_dispatch_to_triton_when_forced(monkeypatch):
+def forced_triton_calls(monkeypatch) -> list:
+    """Force the Triton path and record each call of its launcher."""
     monkeypatch.setenv("SVDKERN_IMPL", "triton")
-    x, U, V, b = make(4, 24, 20, 5, torch.float32)
     calls = []
     real = triton_lowrank.lowrank_linear
     monkeypatch.setattr(triton_lowrank, "lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_op_and_layer_dispatch_to_triton_when_forced(monkeypatch):
+    x, U, V, b = make(4, 24, 20, 5, torch.float32)
+    calls = forced_triton_calls(monkeypatch)
     y_op = svdkern.lowrank_linear(x, U, V, b)
     layer = svdkern.LowRankLinear.from_factors(U, V, b)
     with torch.no_grad():
@@ -182,11 +188,8 @@ def test_strided_bias_is_read_by_its_stride():
 
 
 def test_layer_outside_no_grad_stays_fused_unless_trained(monkeypatch):
-    monkeypatch.setenv("SVDKERN_IMPL", "triton")
     x, U, V, b = make(4, 24, 20, 5, torch.float32)
-    calls = []
-    real = triton_lowrank.lowrank_linear
-    monkeypatch.setattr(triton_lowrank, "lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    calls = forced_triton_calls(monkeypatch)
     layer = svdkern.LowRankLinear.from_factors(U, V, b)
     assert not any(p.requires_grad for p in layer.parameters())  # frozen: inference by default
     y = layer(x)  # grad mode on, as in a plain script

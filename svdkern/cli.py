@@ -125,12 +125,12 @@ def _needs_hub(model: str, data_sources) -> bool:
     return not local_model or ("wikitext2" in data_sources and not local_data)
 
 
-def _check_fits(model, args, stream, eval_windows) -> None:
+def _check_fits(model, args, stream, eval_batch) -> None:
     from .preflight import check_context, check_memory, estimate_memory
 
     check_context(model.config, args.seqlen)
     nsamples = getattr(args, "nsamples", 0)
-    check_memory(estimate_memory(model, stream, nsamples, args.seqlen, args.batch_size, eval_windows,
+    check_memory(estimate_memory(model, stream, nsamples, args.seqlen, eval_batch,
                                  _device(args)), _device(args))
 
 
@@ -154,8 +154,8 @@ def cmd_compress(args) -> int:
     cfg = config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
     _check_run_args(args, [args.calib] + ([] if args.no_eval else ["wikitext2"]))
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
-    eval_count = None if args.no_eval else args.eval_windows
-    _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_count)
+    eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
+    _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
     ckpt = None if args.no_checkpoint else (args.checkpoint_dir or out.rstrip("/") + ".partial")
     windows = None
     if not args.no_eval:
@@ -211,7 +211,7 @@ def cmd_eval(args) -> int:
     device = _device(args)
     _check_run_args(args, [args.data])
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
-    _check_fits(model, args, None, args.windows or 1)
+    _check_fits(model, args, None, min(args.batch_size, args.windows or args.batch_size))
     windows, described = _eval_windows(tokenizer, args.data, args.seqlen, args.windows)
     result = perplexity(model, windows, batch_size=args.batch_size, device=device)
     print(f"{result} on {described}")

@@ -103,8 +103,8 @@ class MemoryEstimate:
         return ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
 
 
-def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, batch_size: int,
-                    eval_windows: int | None, device: str, fp_cache_bytes: int = 4 << 30) -> MemoryEstimate:
+def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_batch: int | None,
+                    device: str, fp_cache_bytes: int = 4 << 30) -> MemoryEstimate:
     """Peak bytes of a compress/eval run, by its largest terms (an estimate, not a bound)."""
     cfg = model.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "word_embed_proj_dim", 0)
@@ -120,9 +120,9 @@ def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, batch
         host["calibration activations"] = 2 * streams * tokens * hidden * itemsize
         if stream == "both":
             host["FP group-input cache"] = min(fp_cache_bytes, tokens * hidden * 4 * 4)
-    if eval_windows:
+    if eval_batch:
         # fp32 logits of one evaluation batch, their copy and the cross-entropy's
-        (dev if device != "cpu" else host)["evaluation logits"] = 3 * min(4, eval_windows) * seqlen * vocab * 4
+        (dev if device != "cpu" else host)["evaluation logits"] = 3 * eval_batch * seqlen * vocab * 4
     return MemoryEstimate(host, dev)
 
 
@@ -139,7 +139,7 @@ def available_host_bytes() -> int | None:
 
 def check_memory(estimate: MemoryEstimate, device: str, already_loaded: bool = True) -> None:
     """Refuse a run whose estimate exceeds what is free; the weights are already resident."""
-    fix = "lower --nsamples, --seqlen or --batch-size (or --eval-windows)"
+    fix = "lower --nsamples, --seqlen or the evaluation's --batch-size/--eval-windows"
     free = available_host_bytes()
     need = sum(v for k, v in estimate.parts.items() if not (already_loaded and k == "model weights"))
     if free is not None and need > free:

@@ -59,7 +59,9 @@ def check_model_source(spec: str) -> None:
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         hint = f"; pass the file itself: --model {os.path.join(spec, ggufs[0])}" if ggufs else ""
         raise PreflightError(f"{spec} is a directory but holds no model (no config.json){hint}")
-    looks_local = spec.startswith(("/", "./", "../", "~")) or os.path.exists(path) or spec.count("/") > 1
+    if os.path.isfile(path):
+        raise PreflightError(f"{spec} is a file but not a .gguf model: pass the model's directory")
+    looks_local = spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
     if looks_local:
         raise PreflightError(f"no model at {spec}: the path does not exist")
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec):

@@ -98,11 +98,10 @@ def check_context(config, seqlen: int) -> None:
 
 @dataclass
 class MemoryEstimate:
-    parts: dict            # what -> bytes, on the host
-    device_parts: dict     # what -> bytes, on the accelerator (empty on CPU runs)
+    """Bytes a run adds to the loaded model (already resident, so MemAvailable counts it)."""
 
-    def describe(self, parts: dict) -> str:
-        return ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
+    host: dict      # what -> bytes, in host memory
+    device: dict    # what -> bytes, on the accelerator (empty on CPU runs)
 
 
 def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_batch: int | None,
@@ -112,9 +111,7 @@ def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "word_embed_proj_dim", 0)
     vocab = getattr(cfg, "vocab_size", 0)
     itemsize = next(model.parameters()).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     host, dev = {}, {}
-    (dev if device != "cpu" else host)["model weights"] = weights
     if stream is not None:
         tokens = nsamples * seqlen
         streams = {"fp": 1, "compressed": 1, "both": 2}[stream]
@@ -139,19 +136,18 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def check_memory(estimate: MemoryEstimate, device: str, already_loaded: bool = True) -> None:
-    """Refuse a run whose estimate exceeds what is free; the weights are already resident."""
-    fix = "lower --nsamples, --seqlen or the evaluation's --batch-size/--eval-windows"
-    free = available_host_bytes()
-    need = sum(v for k, v in estimate.parts.items() if not (already_loaded and k == "model weights"))
+def check_memory(estimate: MemoryEstimate, device: str) -> None:
+    """Refuse a run whose estimate exceeds what is free beside the loaded model."""
+    _refuse_if_short(estimate.host, available_host_bytes(), "host memory", "is available")
+    if estimate.device and torch.cuda.is_available() and device.startswith("cuda"):
+        _refuse_if_short(estimate.device, torch.cuda.mem_get_info(torch.device(device))[0],
+                         f"memory on {device}", "is free")
+
+
+def _refuse_if_short(parts: dict, free: int | None, where: str, verb: str) -> None:
+    need = sum(parts.values())
     if free is not None and need > free:
-        raise PreflightError(f"this run needs about {need / GIB:.1f} GiB of host memory "
-                             f"({estimate.describe(estimate.parts)}) and {free / GIB:.1f} GiB is "
-                             f"available: {fix}")
-    if estimate.device_parts and torch.cuda.is_available() and device.startswith("cuda"):
-        free_dev, _ = torch.cuda.mem_get_info(torch.device(device))
-        need = sum(v for k, v in estimate.device_parts.items() if not (already_loaded and k == "model weights"))
-        if need > free_dev:
-            raise PreflightError(f"this run needs about {need / GIB:.1f} GiB on {device} "
-                                 f"({estimate.describe(estimate.device_parts)}) and "
-                                 f"{free_dev / GIB:.1f} GiB is free: {fix}")
+        described = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
+        raise PreflightError(f"this run needs about {need / GIB:.1f} GiB of {where} beside the loaded "
+                             f"model ({described}) and {free / GIB:.1f} GiB {verb}: lower --nsamples, "
+                             "--seqlen or the evaluation's --batch-size/--eval-windows")

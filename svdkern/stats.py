@@ -17,8 +17,14 @@ class ActivationNotFiniteError(ValueError):
     """Calibration activations hold NaN/Inf."""
 
 
-def check_finite_activations(x: torch.Tensor, where: str) -> None:
-    if not bool(torch.isfinite(x).all()):
+def check_finite_accumulator(A: torch.Tensor, where: str) -> None:
+    """Raise if any activation summed into A was NaN/Inf (or overflowed the sum).
+
+    A non-finite entry of column j of x makes the diagonal entry A[j, j] = Σ x_j·y_j non-finite
+    (NaN·y = NaN, Inf·0 = NaN), so n checks replace one pass over every activation (which cost
+    ~10% of a compression on the CPU).
+    """
+    if not bool(torch.isfinite(A.diagonal()).all()):
         raise ActivationNotFiniteError(
             f"calibration activations at {where} contain NaN or Inf; the model overflows on this "
             "data in its current dtype. Load it in float32 (or bfloat16), or check the input text."
@@ -34,7 +40,6 @@ class GramStats:
         self.name = name
 
     def add(self, x: torch.Tensor) -> None:
-        check_finite_activations(x, self.name)
         x = x.reshape(-1, x.shape[-1])
         with _no_tf32():
             gram_accumulate(self.H, x)
@@ -50,6 +55,7 @@ class GramStats:
         """H̄ = H/N, full and symmetric, float64."""
         if self.count == 0:
             raise RuntimeError(f"no calibration tokens reached {self.name}")
+        check_finite_accumulator(self.H, self.name)
         return symmetrize(self.H.double()) / self.count
 
 
@@ -62,7 +68,6 @@ class CrossStats:
         self.name = name
 
     def add(self, x_fp: torch.Tensor, x_hat: torch.Tensor) -> None:
-        check_finite_activations(x_fp, self.name)
         x_hat = x_hat.float()  # δ needs fp32 (x_fp ≈ x̂ early on); the kernel takes one dtype
         delta = (x_fp.float() - x_hat).reshape(-1, x_hat.shape[-1])
         with _no_tf32():
@@ -75,6 +80,7 @@ class CrossStats:
         return both
 
     def mean(self) -> torch.Tensor:
+        check_finite_accumulator(self.D, self.name)  # δ = x_fp − x̂: catches the FP stream's too
         return self.D.double() / self.count
 
 

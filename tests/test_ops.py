@@ -121,3 +121,29 @@ def test_cross_accumulate_rejects_mixed_dtypes_on_every_backend():
     D = torch.zeros(5, 5)
     with pytest.raises(TypeError, match="share one dtype"):
         svdkern.cross_accumulate(D, torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_stats_report_one_non_finite_activation(bad):
+    """One bad value anywhere (the FP stream's included, even where x̂ is 0) is reported."""
+    from svdkern.stats import ActivationNotFiniteError, CrossStats, GramStats
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 37, 19, generator=g)
+    ok = GramStats(19, name="mlp.up_proj")
+    ok.add(x)
+    ok.mean()
+    x[1, 20, 7] = bad
+    gram = GramStats(19, name="mlp.up_proj")
+    gram.add(x[:2])
+    gram.add(x[2:])
+    with pytest.raises(ActivationNotFiniteError, match="mlp.up_proj"):
+        gram.mean()
+    x_hat = torch.randn(2, 37, 19, generator=g)
+    x_fp = x_hat.clone()
+    x_hat[0, 5, 11] = 0.0
+    x_fp[0, 5, 11] = bad
+    cross = CrossStats(19, name="self_attn.o_proj")
+    cross.add(x_fp, x_hat)
+    with pytest.raises(ActivationNotFiniteError, match="self_attn.o_proj"):
+        cross.mean()

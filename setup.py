@@ -45,6 +45,7 @@ setup(
     version="0.1.0",
     description="Low-rank compression of LLMs (SVD-LLM family) with fused kernels",
     packages=find_packages(include=["svdkern", "svdkern.*"]),
+    package_data={"svdkern.backends": ["configs/*.json"]},  # tuned kernel configs per GPU
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

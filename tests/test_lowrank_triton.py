@@ -197,3 +197,102 @@ def test_layer_outside_no_grad_stays_fused_unless_trained(monkeypatch):
     layer.requires_grad_(True)  # fine-tuning takes the autograd path and gets gradients
     layer(x).sum().backward()
     assert len(calls) == 1 and layer.U.grad is not None and layer.V.grad is not None
+
+
+def check_offsets_past_two_to_the_31():
+    """Row × stride past 2³¹ elements (long prefills at width 11008): offsets must be int64.
+
+    Strided views into a large, never-touched allocation put the last rows of A (the input) and
+    C (the output) past 2³¹ elements while only a few pages are used (~0.4 GB resident).
+    """
+    rows, cols, stride = 1040, 24, 1 << 21  # rows · stride ≈ 2.18e9 > 2³¹
+    g = torch.Generator().manual_seed(11)
+    device = DEVICE
+    big_a = torch.empty(rows * stride, dtype=torch.float16, device=device)
+    big_c = torch.empty(rows * stride, dtype=torch.float16, device=device)
+    a = big_a.as_strided((rows, cols), (stride, 1))
+    a.copy_(torch.randn(rows, cols, generator=g))
+    c = big_c.as_strided((rows, 40), (stride, 1))
+    b = torch.randn(40, cols, generator=g).half().to(device)
+    triton_lowrank._launch("prefill", a, b, c, None, split_default=1)
+    expected = a.double() @ b.double().T
+    torch.testing.assert_close(c.double(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_offsets_past_two_to_the_31_do_not_wrap():
+    """In a child process: wrapped int32 offsets crash (segfault) rather than fail."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", "import conftest, test_lowrank_triton as t; "
+                           "t.check_offsets_past_two_to_the_31()"],
+                          cwd=here, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+
+
+def test_bias_on_another_device_is_rejected():
+    x, U, V, _ = make(3, 16, 8, 4, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="one device"):
+        triton_lowrank.lowrank_linear(x, U, V, torch.zeros(8, device="meta"))
+
+
+def test_configs_come_from_the_table_by_token_bucket(tmp_path, monkeypatch):
+    from svdkern.backends import lowrank_configs as lc
+
+    assert [lc.token_bucket(t) for t in (1, 2, 3, 16, 17, 512, 513, 100000)] == \
+        [1, 2, 4, 16, 32, 512, 1024, lc.MAX_BUCKET]
+    small = dict(lc.DEFAULTS["prefill"], BLOCK_M=64)
+    large = dict(lc.DEFAULTS["prefill"], BLOCK_M=256)
+    path = str(tmp_path / "lowrank_Some_GPU.json")
+    lc.write_table(path, "Some GPU", {"prefill": {"4096,1229": {64: small, 2048: large}}}, {"commit": "x"})
+    table = lc.load_table(path)
+    assert lc.lookup(table, "prefill", 50, 4096, 1229) == small      # bucket 64
+    assert lc.lookup(table, "prefill", 3000, 4096, 1229) == large    # bucket 4096: nearest is 2048
+    assert lc.lookup(table, "prefill", 400, 4096, 1229) == large     # 512: 64 and 2048 are 3 and 2 steps
+    assert lc.lookup(table, "prefill", 100, 4096, 1229) == small     # 128: one step from 64
+    assert lc.lookup(table, "prefill", 50, 4096, 1230) is None       # another shape: autotune
+    assert lc.lookup(table, "expand", 1, 4096, 1229) is None
+    # the launcher's choice: the table, else autotuning, else (inside graph capture) the default
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_lowrank, "_table_of", lambda index: table)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert triton_lowrank._config_for("prefill", 50, 4096, 1229, cuda0) == small
+    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0) == lc.DEFAULTS["prefill"]
+
+
+def test_a_bad_config_table_names_the_fix(tmp_path):
+    from svdkern.backends import lowrank_configs as lc
+
+    path = tmp_path / "lowrank_x.json"
+    path.write_text('{"configs": {"prefill": {"64,32": {"16": {"BLOCK_M": 16}}}}}')
+    with pytest.raises(ValueError, match="tune_lowrank.py"):
+        lc.load_table(str(path))
+    path.write_text('{"configs": {"decode": {}}}')
+    lc.load_table.cache_clear()
+    with pytest.raises(ValueError, match="unknown regime"):
+        lc.load_table(str(path))
+
+
+@needs_cuda
+def test_gpu_graph_capture_of_an_untuned_shape():
+    """A shape the autotuner never saw, first met inside capture, must not benchmark there."""
+    x, U, V, b = make(9, 328, 264, 77, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_lowrank.lowrank_linear(x, U, V, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_within_torch_error(y, x, U, V, b)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_launches_on_the_inputs_device():
+    x, U, V, b = (t.to("cuda:1") for t in make(5, 96, 80, 24, torch.float16))
+    with torch.cuda.device(0):
+        y = triton_lowrank.lowrank_linear(x, U, V, b)
+    assert y.device == x.device
+    assert_within_torch_error(y, x, U, V, b)

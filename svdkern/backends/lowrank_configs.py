@@ -1,0 +1,100 @@
+"""Tile configs of the low-rank kernels: token-count buckets and shipped per-GPU tables.
+
+Autotuning keyed on the raw token count would tune every prefill length anew (seconds each)
+and would fail inside CUDA-graph capture. Configs are keyed on (regime, token bucket, N, K)
+instead; `benchmarks/tune_lowrank.py` measures them for an architecture's shapes on a GPU and
+writes `configs/lowrank_<GPU name>.json`, which is read here (the way vLLM ships tuned MoE
+configs). A shape missing from the table is autotuned once per bucket (or, while a CUDA graph
+is being captured, launched with the regime's default: capture cannot benchmark).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+REGIMES = ("shrink", "shrink_deterministic", "expand", "prefill")
+MAX_BUCKET = 8192
+_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_SIZE_M")
+
+# Used while capturing a CUDA graph when nothing tuned matches (middle-of-the-road tiles).
+DEFAULTS = {
+    "shrink": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "GROUP_SIZE_M": 8,
+               "num_warps": 4, "num_stages": 3},
+    "shrink_deterministic": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1,
+                             "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 3},
+    "expand": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_SIZE_M": 8,
+               "num_warps": 4, "num_stages": 3},
+    "prefill": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_SIZE_M": 8,
+                "num_warps": 8, "num_stages": 3},
+}
+
+
+def token_bucket(tokens: int) -> int:
+    """The smallest power of two ≥ tokens, capped at MAX_BUCKET (one tuning per bucket)."""
+    if tokens < 1:
+        raise ValueError(f"token count must be positive; got {tokens}")
+    return min(1 << (tokens - 1).bit_length(), MAX_BUCKET)
+
+
+def table_path(device_name: str) -> str:
+    return os.path.join(CONFIG_DIR, f"lowrank_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str) -> dict:
+    """{regime: {"N,K": {bucket: config}}} from a table file; {} when there is none."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    table = {}
+    for regime, shapes in raw.get("configs", {}).items():
+        if regime not in REGIMES:
+            raise ValueError(f"{path}: unknown regime {regime!r}; expected one of {REGIMES}")
+        table[regime] = {shape: {int(b): _checked(cfg, path) for b, cfg in buckets.items()}
+                         for shape, buckets in shapes.items()}
+    return table
+
+
+def _checked(cfg: dict, path: str) -> dict:
+    missing = [k for k in (*_META, "num_warps", "num_stages") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: a config lacks {missing}; regenerate it with benchmarks/tune_lowrank.py")
+    return cfg
+
+
+def lookup(table: dict, regime: str, tokens: int, N: int, K: int) -> dict | None:
+    """The tuned config for this shape at the nearest bucket (log scale), or None."""
+    buckets = table.get(regime, {}).get(f"{N},{K}")
+    if not buckets:
+        return None
+    want = token_bucket(tokens).bit_length()
+    return buckets[min(buckets, key=lambda b: (abs(b.bit_length() - want), b))]
+
+
+def split_meta(cfg: dict) -> tuple[dict, dict]:
+    """(kernel meta-parameters, launch options) of one config."""
+    return ({k: cfg[k] for k in _META},
+            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+
+def write_table(path: str, device_name: str, configs: dict, provenance: dict) -> None:
+    """Write a table atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {"device": device_name, **provenance,
+              "configs": {regime: {shape: {str(b): cfg for b, cfg in sorted(buckets.items())}
+                                   for shape, buckets in sorted(shapes.items())}
+                          for regime, shapes in sorted(configs.items())}}
+    fd, tmp = tempfile.mkstemp(prefix=".lowrank-", suffix=".json", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    load_table.cache_clear()

@@ -122,3 +122,22 @@ def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:
     new = LowRankLinear.from_factors(U.to(linear.weight.dtype), V.to(linear.weight.dtype), bias,
                                      dtype=linear.weight.dtype)
     set_submodule(layer, name, new)
+
+
+def pad_ranks(root: nn.Module, multiple: int) -> dict:
+    """Pad every LowRankLinear under `root` with zeros to a rank that is a multiple of `multiple`.
+
+    Exact, and stored: for serving factors made without alignment (an older checkpoint, or
+    rank_align=1) with aligned kernel loads at the cost of their size. Ranks that would reach
+    min(m, n) are left alone. Returns {module name: (rank, stored rank)} for those that grew.
+    """
+    if multiple < 1:
+        raise ValueError(f"pad to a positive multiple; got {multiple}")
+    padded = {}
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LowRankLinear):
+            rank = -(-module.rank // multiple) * multiple
+            if module.rank < rank < min(module.in_features, module.out_features):
+                set_submodule(root, name, module.padded_to(rank))
+                padded[name] = (module.rank, rank)
+    return padded

@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from .blocks import pad_ranks
 from .models import architecture_of, set_submodule
 from .nn import LowRankLinear
 
@@ -72,7 +73,8 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False) -> str:
             "compression": None if report is None else {
                 "config": report.config, "block_ratio": report.block_ratio,
                 "model_ratio": report.model_ratio, "plc": report.plc,
-                "residual_ranks": report.residual_ranks, "betas": report.betas},
+                "residual_ranks": report.residual_ranks, "betas": report.betas,
+                "aligned_ranks": report.aligned_ranks},
         }
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -89,8 +91,12 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False) -> str:
     return directory
 
 
-def load(directory: str, device=None, dtype=None):
-    """A transformers model whose compressed layers are LowRankLinear, from `save`'s directory."""
+def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = None):
+    """A transformers model whose compressed layers are LowRankLinear, from `save`'s directory.
+
+    pad_ranks_to: pad each factor pair with zeros to a multiple of this rank (exact, but stored),
+    for aligned GPU kernel loads of factors saved unaligned (blocks.pad_ranks).
+    """
     from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -143,5 +149,7 @@ def load(directory: str, device=None, dtype=None):
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{weights_path} lacks {len(still_meta)} tensors, e.g. {still_meta[0]}")
+    if pad_ranks_to is not None:
+        pad_ranks(model, pad_ranks_to)
     model.eval()
     return model.to(device) if device is not None else model

@@ -53,9 +53,21 @@ class LowRankLinear(nn.Module):
             return lowrank_linear(x, self.U, self.V, self.bias)
         return F.linear(F.linear(x, self.V), self.U, self.bias)
 
+    def padded_to(self, rank: int) -> "LowRankLinear":
+        """The same map stored at a larger rank (zero columns of U, zero rows of V: exact)."""
+        if rank < self.rank:
+            raise ValueError(f"cannot pad rank {self.rank} down to {rank}")
+        extra = rank - self.rank
+        U = torch.cat([self.U.detach(), self.U.new_zeros(self.out_features, extra)], 1)
+        V = torch.cat([self.V.detach(), self.V.new_zeros(extra, self.in_features)], 0)
+        padded = LowRankLinear.from_factors(U, V, None if self.bias is None else self.bias.detach())
+        padded.requires_grad_(self.U.requires_grad)
+        return padded
+
     def dense_weight(self) -> torch.Tensor:
         return self.U @ self.V
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+

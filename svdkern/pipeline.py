@@ -29,7 +29,8 @@ from .presets import CompressionConfig
 from .refine import refine_block
 from .solvers.aces import aces_beta, aces_coefficients
 from .solvers.factorize import factors_from_svd, svd_of, target
-from .solvers.rank import RatioError, check_saves_parameters, rank_for_ratio, residual_rank
+from .solvers.rank import (RatioError, aligned_rank, check_saves_parameters, rank_for_ratio,
+                          residual_rank)
 from .solvers.select import select_beta
 from .solvers.whiten import whiten
 from .staged import LlamaStages, stageable, staged_matches_layer
@@ -46,6 +47,7 @@ class CompressionReport:
     plc: dict | None = None                          # ERC search: candidate k -> error, chosen k
     refine: dict = field(default_factory=dict)       # layer -> block error before/after, steps
     allocation: dict = field(default_factory=dict)   # module name -> rank from the policy (None: dense)
+    aligned_ranks: dict = field(default_factory=dict)  # module name -> rank before rank_align lowered it
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     block_params_before: int = 0
@@ -66,7 +68,9 @@ class CompressionReport:
         return (f"removed {self.model_params_before - self.model_params_after:,} parameters: "
                 f"ratio {self.block_ratio:.4f} over the compressed decoder linears, "
                 f"{self.model_ratio:.4f} over the whole model; {self.seconds:.1f} s, "
-                f"peak memory {gib:.2f} GiB")
+                f"peak memory {gib:.2f} GiB"
+                + (f"; {len(self.aligned_ranks)} ranks rounded down to aligned sizes for the GPU "
+                   "kernels" if self.aligned_ranks else ""))
 
 
 # ----------------------------------------------------------------------------- per-group solve
@@ -90,7 +94,9 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
         linear = layer.get_submodule(name)
         W = linear.weight.detach()
         m, n = W.shape
-        rank = ranks[prefix + name]
+        rank = aligned_rank(ranks[prefix + name], cfg.rank_align)
+        if rank != ranks[prefix + name]:
+            report.aligned_ranks[prefix + name] = ranks[prefix + name]
         check_saves_parameters(m, n, rank, prefix + name)
         rr = residual_rank(m, n, rank, cfg.residual_beta)
         beta = cfg.beta
@@ -340,7 +346,10 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
             for name in group:
                 linear = layer.get_submodule(name)
                 m, n = linear.weight.shape
-                rank = rank_for_ratio(m, n, cfg.ratio, f"layer {i} {name}")
+                wanted = rank_for_ratio(m, n, cfg.ratio, f"layer {i} {name}")
+                rank = aligned_rank(wanted, cfg.rank_align)
+                if rank != wanted:
+                    report.aligned_ranks[f"{i}.{name}"] = wanted
                 svd = svd_of(target(linear.weight, None), cfg.svd_dtype)
                 install(layer, name, *factors_from_svd(linear.weight, svd, None, rank), linear)
                 report.ranks[f"{i}.{name}"] = rank

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .solvers.rank import check_ratio
+from .solvers.rank import RANK_ALIGNS, check_ratio
 
 LAYER_POLICIES = ("uniform", "plc", "v2", "sensitivity")
 
@@ -32,6 +32,9 @@ class CompressionConfig:
         Adam steps over the calibration micro-batches; needs the FP stream ("fp" or "both").
     holdout_batches: the last calibration micro-batches, never fitted by β selection or
         refinement steps, that choose β and the kept refinement state.
+    rank_align: round each rank down to a multiple of this (8 … 64: aligned, vectorized GPU
+        kernel loads; the budget holds), or "auto": 64…8 where it drops at most 2% of the rank
+        (solvers.rank.aligned_rank); 1 keeps the ranks of the papers' rules.
     fp_cache_bytes: two streams keep the FP stream's group inputs of one layer (fp32, on the
         offload device) when they fit in this many bytes, else recompute them per group.
     """
@@ -56,6 +59,7 @@ class CompressionConfig:
     refine_epochs: int = 0
     refine_lr: float = 1e-3
     holdout_batches: int = 1
+    rank_align: int | str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "beta_grid", tuple(float(b) for b in self.beta_grid))
@@ -88,6 +92,8 @@ class CompressionConfig:
         if self.refine_epochs and (self.stream == "compressed" or self.whitening is None):
             raise ValueError("refinement targets the FP block output: it needs stream 'fp' or 'both' "
                              "and whitening")
+        if self.rank_align not in RANK_ALIGNS:
+            raise ValueError(f"rank_align must be one of {', '.join(map(str, RANK_ALIGNS))}; got {self.rank_align!r}")
         if self.whitening is None and self.stream != "fp":
             raise ValueError("plain SVD (whitening=None) uses no calibration stream")
 

@@ -71,6 +71,7 @@ def test_eval_of_a_corrupt_checkpoint(tmp_path, capsys):
     (["--ratio", "0"], "between 0 and 1"),
     (["--nsamples", "0"], "--nsamples must be at least 1"),
     (["--seqlen", "1"], "--seqlen must be at least 2"),
+    (["--rank-align", "12"], "rank_align must be one of auto, 1, 8, 16, 32, 64; got 12"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--eval-windows", "0"], "--eval-windows must be at least 1"),
     (["--calib", "/no/such.txt"], "neither 'wikitext2' nor an existing text file"),

@@ -171,3 +171,43 @@ def test_layers_with_other_shapes_are_not_staged(model_type):
     model = tiny_model(model_type)
     arch = architecture_of(model)
     assert not stageable(model.get_submodule(arch.layers_path)[0], arch.groups)
+
+
+def test_aligned_ranks_stay_within_the_budget():
+    from svdkern.solvers.rank import aligned_rank
+
+    assert aligned_rank(1638, "auto") == 1632        # 64 would drop 38 > 2%: 32 drops 6
+    assert aligned_rank(1750, "auto") == 1728        # 64 drops 22 ≤ 35
+    assert aligned_rank(230, "auto") == 230          # 8 would drop 6 > 4.6: kept
+    assert aligned_rank(45, 8) == 40 and aligned_rank(5, 8) == 5 and aligned_rank(45, 1) == 45
+    with pytest.raises(ValueError, match="alignment"):
+        aligned_rank(45, 12)
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm", "erc-svd"])
+def test_rank_align_gives_multiples_within_the_budget(method, windows):
+    model = tiny_model("llama", seed=1)
+    svdkern.compress(model, method, 0.3, calib=windows, rank_align=8, **QUIET)
+    report = model._svdkern_report
+    low = {n: m for n, m in model.named_modules() if isinstance(m, svdkern.LowRankLinear)}
+    assert low and all(m.rank % 8 == 0 for m in low.values())
+    assert report.aligned_ranks and report.block_ratio >= 0.3
+    assert all(report.ranks[name] < before for name, before in report.aligned_ranks.items())
+
+
+def test_padded_ranks_are_exact(tmp_path, windows):
+    from svdkern.blocks import pad_ranks
+
+    model = tiny_model("llama", seed=1)
+    svdkern.compress(model, "svd-llm", 0.3, calib=windows, rank_align=1, **QUIET)
+    with torch.no_grad():
+        before = model(windows[:2]).logits
+    svdkern.save(model, str(tmp_path / "m"))
+    loaded = svdkern.load(str(tmp_path / "m"), pad_ranks_to=16)
+    low = [m for m in loaded.modules() if isinstance(m, svdkern.LowRankLinear)]
+    assert all(m.rank % 16 == 0 or m.rank + 16 > min(m.in_features, m.out_features) for m in low)
+    assert any(m.rank % 16 == 0 for m in low)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows[:2]).logits, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        pad_ranks(loaded, 0)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 
 
+RANK_ALIGNS = ("auto", 1, 8, 16, 32, 64)
+AUTO_ALIGN_MAX_LOSS = 0.02
+
+
 class RatioError(ValueError):
     """A compression ratio or rank that cannot produce a smaller layer."""
 
@@ -30,6 +34,26 @@ def rank_for_ratio(m: int, n: int, ratio: float, name: str = "matrix") -> int:
         )
     check_saves_parameters(m, n, k, name)
     return k
+
+
+def aligned_rank(rank: int, align) -> int:
+    """The rank rounded down to a multiple of `align`, so it stays within the budget.
+
+    Ranks that are multiples of 8 give the GPU kernels 16-byte (vectorized, async) loads of U and
+    the intermediate; multiples of 64 also whole K tiles. "auto" takes the largest of 64/32/16/8
+    that drops at most 2% of the rank (the weakest directions), else keeps the rank. A rank
+    smaller than `align` is kept as it is.
+    """
+    if align == "auto":
+        for a in (64, 32, 16, 8):
+            down = rank // a * a
+            if down >= a and rank - down <= AUTO_ALIGN_MAX_LOSS * rank:
+                return down
+        return rank
+    if align not in RANK_ALIGNS:
+        raise ValueError(f"rank alignment must be one of {RANK_ALIGNS}; got {align!r}")
+    down = rank // align * align
+    return down if down >= 1 else rank
 
 
 def check_saves_parameters(m: int, n: int, k: int, name: str = "matrix") -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import torch_ops, use_triton_lowrank
+from .backends import gram_impl, torch_ops, use_triton_lowrank
 
 _lib = torch.library.Library("svdkern", "DEF")
 _lib.define("lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor? bias=None) -> Tensor")
@@ -87,7 +87,10 @@ def gram_accumulate(H, X):
         X: (..., n) fp16/bf16/fp32 activations; accumulated in H's dtype.
     """
     _check_gram_args(H, X)
-    torch.ops.svdkern.gram_accumulate(H, X)
+    if X.is_cuda and gram_impl() == "blas":
+        torch_ops.gram_accumulate(H, X)
+    else:
+        torch.ops.svdkern.gram_accumulate(H, X)
 
 
 def cross_accumulate(D, delta, X):
@@ -98,7 +101,10 @@ def cross_accumulate(D, delta, X):
     if delta.dtype != X.dtype:  # the CUDA kernel reads both with one type; checked on every backend
         raise TypeError(f"delta ({delta.dtype}) and X ({X.dtype}) must share one dtype: cast both, "
                         "e.g. to float32")
-    torch.ops.svdkern.cross_accumulate(D, delta, X)
+    if X.is_cuda and gram_impl() == "blas":
+        torch_ops.cross_accumulate(D, delta, X)
+    else:
+        torch.ops.svdkern.cross_accumulate(D, delta, X)
 
 
 def cholesky_whiten(H, damp_rel=1e-6, max_damp_rel=1e-2):

@@ -14,6 +14,12 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and svdkern.has_c
                                 reason="needs a CUDA GPU and the compiled extension")
 
 
+@pytest.fixture(autouse=True, params=["ext", "blas"])
+def gram_path(request, monkeypatch):
+    """Both CUDA Gram paths: the hand kernels and blocked cuBLAS (bf16 products, fp32 output)."""
+    monkeypatch.setenv("SVDKERN_GRAM", request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("tokens,n", [(1, 1), (37, 17), (1000, 130), (2049, 577)])

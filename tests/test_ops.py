@@ -147,3 +147,12 @@ def test_stats_report_one_non_finite_activation(bad):
     cross.add(x_fp, x_hat)
     with pytest.raises(ActivationNotFiniteError, match="self_attn.o_proj"):
         cross.mean()
+
+
+def test_gram_path_choice_is_checked(monkeypatch):
+    from svdkern.backends import gram_impl
+
+    assert gram_impl() in ("blas", "ext")
+    monkeypatch.setenv("SVDKERN_GRAM", "cublas")
+    with pytest.raises(ValueError, match="SVDKERN_GRAM must be blas or ext"):
+        gram_impl()

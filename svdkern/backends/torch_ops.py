@@ -14,12 +14,24 @@ def lowrank_linear(x, U, V, bias=None):
 
 
 def gram_accumulate(H, X):
-    """H[lower] += (XᵀX)[lower]; the strict upper triangle of H is not maintained."""
-    X = X.reshape(-1, X.shape[-1]).to(H.dtype)
+    """H[lower] += (XᵀX)[lower]; the strict upper triangle of H is not maintained.
+
+    Half-precision X on CUDA with an fp32 H: tensor-core products with fp32 output
+    (`mm(..., out_dtype=float32)`: a product of two bf16/fp16 values is exact in fp32, so this
+    loses nothing against casting X to fp32 first, at the bf16 tensor-core rate).
+    """
+    X = X.reshape(-1, X.shape[-1])
+    half_products = (X.is_cuda and X.dtype in (torch.float16, torch.bfloat16) and H.dtype == torch.float32
+                     and hasattr(torch.ops.aten.mm, "dtype"))
+    if not half_products:
+        X = X.to(H.dtype)
     n = X.shape[1]
     for start in range(0, n, _GRAM_BLOCK):
         stop = min(start + _GRAM_BLOCK, n)
-        H[start:stop, :stop].addmm_(X[:, start:stop].T, X[:, :stop])
+        if half_products:
+            H[start:stop, :stop] += torch.mm(X[:, start:stop].T, X[:, :stop], out_dtype=torch.float32)
+        else:
+            H[start:stop, :stop].addmm_(X[:, start:stop].T, X[:, :stop])
 
 
 def cross_accumulate(D, delta, X):

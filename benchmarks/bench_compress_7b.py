@@ -1,10 +1,13 @@
-"""SVD-LLM compression time of a Llama-7B-shaped model with and without the CUDA extension.
+"""SVD-LLM compression time of a Llama-7B-shaped model per Gram path, one GPU (issue 10).
 
-    python benchmarks/bench_compress_7b.py        # runs both variants as subprocesses
+    python benchmarks/bench_compress_7b.py [--nsamples 128] [--dry-run] [--out DIR]
 
-Random weights, 4 decoder layers of Llama-7B's shapes, 128 x 2048 calibration tokens, bf16
-model, fp32 statistics. The variant without the extension sets SVDKERN_CUDA_EXT=0.
+Random weights, 4 decoder layers of Llama-7B's shapes, nsamples x 2048 calibration tokens, bf16
+model, fp32 statistics, fp32 SVDs. Each Gram path (SVDKERN_GRAM=blas: blocked cuBLAS panels;
+ext: the compiled hand kernels, when built) runs in its own process, so neither inherits the
+other's caches. --dry-run: a tiny model on the CPU (the blas path only).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -14,35 +17,59 @@ import time
 import torch
 
 
-def one_run() -> dict:
+def one_run(dry_run: bool, nsamples: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import svdkern
 
-    cfg = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                               num_key_value_heads=32, num_hidden_layers=4, vocab_size=32000)
+    device = "cpu" if dry_run else "cuda"
+    dims = (dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=256) if dry_run else
+            dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 vocab_size=32000))
+    cfg = AutoConfig.for_model("llama", num_hidden_layers=4 if not dry_run else 2, **dims)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
-    windows = torch.randint(0, 32000, (128, 2048))
-    torch.cuda.synchronize()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if not dry_run else torch.float32).eval()
+    windows = torch.randint(0, cfg.vocab_size, (nsamples, 2048 if not dry_run else 64))
+    if not dry_run:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    svdkern.compress(model, "svd-llm", 0.2, calib=windows, device="cuda", batch_size=8, progress=False,
+    svdkern.compress(model, "svd-llm", 0.2, calib=windows, device=device, batch_size=8, progress=False,
                      svd_dtype=torch.float32)
-    torch.cuda.synchronize()
-    return {"extension": svdkern.has_cuda_ext(), "seconds": time.perf_counter() - t0,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if not dry_run:
+        torch.cuda.synchronize()
+    return {"gram": os.environ.get("SVDKERN_GRAM", "blas"), "extension": svdkern.has_cuda_ext(),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if not dry_run else None}
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(one_run()))
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one_run(args.dry_run, args.nsamples if not args.dry_run else 4)))
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_compress_7b.py needs a CUDA device; none is visible.")
-    for ext in ("1", "0"):
-        out = subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True,
-                             env={**os.environ, "SVDKERN_CUDA_EXT": ext})
-        print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else out.stderr[-2000:])
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("bench_compress_7b.py needs a CUDA device; none is visible (--dry-run: the CPU).")
+    from _harness import header, results_path, write_markdown
+
+    rows = []
+    for gram in (("blas",) if args.dry_run else ("blas", "ext")):
+        cmd = [sys.executable, __file__, "--child", "--nsamples", str(args.nsamples)] + (["--dry-run"] if args.dry_run else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SVDKERN_GRAM": gram})
+        if out.returncode:
+            raise SystemExit(f"the {gram} run failed:\n{out.stderr[-3000:]}")
+        rows.append({**header(), "nsamples": args.nsamples, **json.loads(out.stdout.strip().splitlines()[-1])})
+        print(rows[-1], flush=True)
+    path = results_path(args.out, "compress_7b", rows[0]["gpu"], "md")
+    write_markdown(path, "SVD-LLM compression time, 4 Llama-7B-shaped layers, per Gram path", rows[0], rows,
+                   "ext runs the extension's kernels only when it is built (extension: true).")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py                  # 7B shapes / 8 on the CPU (minutes)
     python benchmarks/bench_engine.py --scale 1        # LLaMA-7B's shapes (a GPU)
+    python benchmarks/bench_engine.py --dry-run        # seconds, on the CPU (the GPU suite's check)
 
 Random weights; each method runs in its own process, at two depths (L and 2L layers), so the
 growth per layer shows whether memory is bounded by one layer (it should not grow) and the
@@ -144,9 +145,13 @@ def main():
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=RESULTS, help="folder for the table (default benchmarks/results)")
+    ap.add_argument("--dry-run", action="store_true", help="a tiny run on the CPU (widths / 32, SVD-LLM)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dry_run:
+        args.scale, args.layers, args.nsamples, args.seqlen, args.methods = 32, 1, 4, 128, "svd-llm"
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if args.child:
         method, layers = args.child.split(":")
         print(json.dumps(child(method, args.scale, int(layers), args.nsamples, args.seqlen, device)))
@@ -157,7 +162,8 @@ def main():
         for layers in (args.layers, 2 * args.layers):
             cmd = [sys.executable, __file__, "--child", f"{method}:{layers}", "--scale", str(args.scale),
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}))
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__), env=env)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             got[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,7 +197,8 @@ def main():
               "statistics can be gathered while a stream propagates. Early exits stop inside a layer, at the "
               "input of the group being calibrated, so they cost a fraction of a forward."]
     name = f"engine_memory_scale{args.scale}_{device}.md"
-    with open(os.path.join(RESULTS, name), "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,61 +1,106 @@
-"""Fused low-rank linear vs two unfused matmuls vs dense nn.Linear, bf16, on one GPU (issue 5).
+"""Fused low-rank linear vs two unfused matmuls vs dense nn.Linear, bf16, one GPU (issue 10).
 
-    python benchmarks/bench_lowrank.py            # writes results/lowrank_<gpu>.csv and .md
+    python benchmarks/bench_lowrank.py [--dry-run] [--out DIR]
 
-Shapes (m, n) ∈ {(4096, 4096), (11008, 4096), (4096, 11008)}, ratios 0.2/0.4/0.6 (k from
-METHODS.md §0), T ∈ {1, 4, 16, 128, 2048, 8192}. Columns: times (median ms, cold L2), speedups,
-fraction of the roofline floor (KERNELS.md §2) and, at decode, achieved bandwidth vs a measured copy.
+LLaMA-7B shapes (m, n) ∈ {(4096, 4096), (11008, 4096), (4096, 11008)} at ratios 0.2/0.4/0.6, with
+the rank the papers' rule gives ("raw", never a multiple of 8) and that rank rounded down to a
+multiple of 64 ("aligned 64", as rank_align=64 builds it), T ∈ {1, 4, 16, 64, 512, 2048}.
+Columns: eager median ms (cold L2 over rotating copies) and CUDA-graph replay ms per call (launch
+overhead gone) for the fused kernel, two F.linear calls and the dense layer; the fused path's
+two kernels timed alone (shrink, expand); % of the HBM floor and of the bf16 tensor-core floor.
+Writes results/lowrank_<GPU>.csv and .md. --dry-run: tiny shapes on the CPU (Triton
+interpreter), so the script cannot rot between GPU sessions.
 """
-import os
+import argparse
 
 import torch
 import torch.nn.functional as F
 
-from _harness import H100, copy_bandwidth, header, require_cuda, rotating, time_ms, write_csv
-from svdkern.backends.triton_lowrank import lowrank_linear
-from svdkern.solvers.rank import rank_for_ratio
+from _harness import (H100, dry_run_env, graph_ms, header, require_cuda, results_path, rotating,
+                      time_ms, write_csv, write_markdown)
+from svdkern.backends import triton_lowrank
+from svdkern.solvers.rank import aligned_rank, rank_for_ratio
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 RATIOS = [0.2, 0.4, 0.6]
-TOKENS = [1, 4, 16, 128, 2048, 8192]
+TOKENS = [1, 4, 16, 64, 512, 2048]
 
 
-def floor_s(T, m, n, k):
+def floors_s(T, m, n, k):
+    """(HBM floor, tensor-core floor, bytes moved) of one fused call (KERNELS.md §2)."""
     bytes_ = 2 * (k * n + m * k + T * n + T * m)
-    return max(bytes_ / H100["hbm_bytes_per_s"], 2 * T * k * (m + n) / H100["bf16_flops"]), bytes_
+    return bytes_ / H100["hbm_bytes_per_s"], 2 * T * k * (m + n) / H100["bf16_flops"], bytes_
+
+
+def kernels(x, U, V):
+    """The fused path's two launches with their outputs preallocated: (shrink, expand) closures."""
+    T, k = x.shape[0], U.shape[1]
+    if T <= triton_lowrank.DECODE_MAX_TOKENS:
+        t = torch.zeros(T, k, device=x.device, dtype=torch.float32)
+        y = torch.empty(T, U.shape[0], device=x.device, dtype=x.dtype)
+        return (lambda: triton_lowrank._launch("shrink", x, V, t, None, 3),
+                lambda: triton_lowrank._launch("expand", t, U, y, None, 1))
+    t = torch.empty(T, k, device=x.device, dtype=x.dtype)
+    y = torch.empty(T, U.shape[0], device=x.device, dtype=x.dtype)
+    return (lambda: triton_lowrank._launch("prefill", x, V, t, None, 1),
+            lambda: triton_lowrank._launch("prefill", t, U, y, None, 1))
 
 
 def main():
-    require_cuda(__file__)
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    require_cuda(__file__, args.dry_run)
+    device = dry_run_env(args.dry_run)
+    dtype = torch.float16 if args.dry_run else torch.bfloat16  # the interpreter has no bf16
+    shapes, ratios, tokens = ((SHAPES, RATIOS, TOKENS) if not args.dry_run
+                              else ([(96, 80)], [0.4], [1, 20]))
     meta = header()
-    bandwidth = copy_bandwidth()
     rows = []
-    for m, n in SHAPES:
-        for ratio in RATIOS:
-            k = rank_for_ratio(m, n, ratio)
-            for T in TOKENS:
-                def make():
-                    return (torch.randn(T, n, device="cuda", dtype=torch.bfloat16),
-                            torch.randn(m, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
-                            torch.randn(k, n, device="cuda", dtype=torch.bfloat16) / n ** 0.5,
-                            torch.randn(m, n, device="cuda", dtype=torch.bfloat16) / n ** 0.5)
-                inputs = rotating(make, 2 * (m * n + k * (m + n) + T * (m + n)))
-                fused = time_ms(lambda x, U, V, W: lowrank_linear(x, U, V), inputs)
-                unfused = time_ms(lambda x, U, V, W: F.linear(F.linear(x, V), U), inputs)
-                dense = time_ms(lambda x, U, V, W: F.linear(x, W), inputs)
-                floor, bytes_ = floor_s(T, m, n, k)
-                rows.append({**meta, "m": m, "n": n, "ratio": ratio, "k": k, "T": T,
-                             "fused_ms": round(fused, 5), "unfused_ms": round(unfused, 5),
-                             "dense_ms": round(dense, 5), "fused_vs_unfused": round(unfused / fused, 3),
-                             "fused_vs_dense": round(dense / fused, 3),
-                             "param_bound": round(m * n / (k * (m + n)), 3),
-                             "pct_of_floor": round(100 * floor / (fused * 1e-3), 1),
-                             "pct_of_copy_bw": round(100 * bytes_ / (fused * 1e-3) / bandwidth, 1)})
-                print(rows[-1], flush=True)
-    gpu = meta["gpu"].replace(" ", "_")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"lowrank_{gpu}.csv")
-    write_csv(out, rows)
-    print(f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; wrote {out}")
+    for m, n in shapes:
+        for ratio in ratios:
+            raw = rank_for_ratio(m, n, ratio)
+            for variant, k in (("raw", raw), ("aligned 64", aligned_rank(raw, 64 if not args.dry_run else 8))):
+                for T in tokens:
+                    rows.append(measure(meta, device, dtype, m, n, ratio, variant, k, T))
+                    print(rows[-1], flush=True)
+    csv_path = results_path(args.out, "lowrank", meta["gpu"], "csv")
+    write_csv(csv_path, rows)
+    write_markdown(csv_path[:-4] + ".md", "Fused low-rank linear vs unfused vs dense (bf16)", meta, rows,
+                   "ms are medians; graph = CUDA-graph replay per call; % floor = HBM floor / "
+                   "fused eager time; x_dense = dense / fused (eager and graph).")
+    print(f"wrote {csv_path} and .md")
+
+
+def measure(meta, device, dtype, m, n, ratio, variant, k, T):
+    def make():
+        return (torch.randn(T, n, device=device, dtype=dtype),
+                torch.randn(m, k, device=device, dtype=dtype) / k ** 0.5,
+                torch.randn(k, n, device=device, dtype=dtype) / n ** 0.5,
+                torch.randn(m, n, device=device, dtype=dtype) / n ** 0.5)
+
+    inputs = rotating(make, 2 * (m * n + k * (m + n) + T * (m + n)), cap=64 if device == "cuda" else 2)
+    fused = lambda x, U, V, W: triton_lowrank.lowrank_linear(x, U, V)  # noqa: E731
+    unfused = lambda x, U, V, W: F.linear(F.linear(x, V), U)  # noqa: E731
+    dense = lambda x, U, V, W: F.linear(x, W)  # noqa: E731
+    eager = {name: time_ms(fn, inputs) for name, fn in (("fused", fused), ("unfused", unfused), ("dense", dense))}
+    graph = {name: graph_ms(fn, inputs) for name, fn in (("fused", fused), ("unfused", unfused), ("dense", dense))}
+    shrink, expand = kernels(*inputs[0][:3])
+    alone = {name: time_ms(lambda _x, fn=fn: fn(), [(inputs[0][0],)]) for name, fn in (("shrink", shrink), ("expand", expand))}
+    hbm, tc, _ = floors_s(T, m, n, k)
+    r = lambda v: None if v is None else round(v, 5)  # noqa: E731
+    return {**meta, "m": m, "n": n, "ratio": ratio, "rank": variant, "k": k, "T": T,
+            "fused_ms": r(eager["fused"]), "unfused_ms": r(eager["unfused"]), "dense_ms": r(eager["dense"]),
+            "fused_graph_ms": r(graph["fused"]), "unfused_graph_ms": r(graph["unfused"]),
+            "dense_graph_ms": r(graph["dense"]),
+            "shrink_ms": r(alone["shrink"]), "expand_ms": r(alone["expand"]),
+            "x_dense": round(eager["dense"] / eager["fused"], 3),
+            "x_dense_graph": None if graph["fused"] is None else round(graph["dense"] / graph["fused"], 3),
+            "x_unfused": round(eager["unfused"] / eager["fused"], 3),
+            "param_bound": round(m * n / (k * (m + n)), 3),
+            "pct_hbm_floor": round(100 * hbm / (eager["fused"] * 1e-3), 1),
+            "pct_tc_floor": round(100 * tc / (eager["fused"] * 1e-3), 1)}
 
 
 if __name__ == "__main__":

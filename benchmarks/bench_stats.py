@@ -1,67 +1,121 @@
-"""Gram accumulation and whitening: the compiled ops vs PyTorch in the same run (issue 6).
+"""Gram accumulation and whitening: every CUDA path against strong baselines, one run (issue 10).
 
-    python benchmarks/bench_stats.py              # writes results/stats_<gpu>.csv
+    python benchmarks/bench_stats.py [--dry-run] [--out DIR]
 
-Gram: n ∈ {576, 4096, 11008, 14336}, 64K bf16 tokens in chunks of 2K/8K, vs
-`H.addmm_(X.T, X)` in fp32. Whitening: damped Cholesky (+ triangular solve of W P⁻¹) vs
-`torch.linalg.cholesky` + explicit inverse, fp64.
+Gram H += XᵀX, n ∈ {576, 4096, 11008}, 32K bf16 tokens in chunks of 2K/8K, fp32 accumulator:
+- ext: the compiled extension's hand WMMA kernel (lower triangle), when it is built;
+- blocked (svdkern's default, SVDKERN_GRAM=blas): lower-triangle panels of cuBLAS, bf16 products
+  with fp32 output (`mm(out_dtype=float32)`: exact products, tensor-core rate);
+- addmm fp32: the full XᵀX from X cast to fp32, TF32 off;
+- addmm tf32: the same with TF32 on (lossless here: bf16 inputs fit TF32's mantissa);
+- mm bf16→fp32: the full product with fp32 output.
+Each row gives ms, TFLOP/s counted on the full n²·T product, and the max error against fp64.
+Whitening: damped Cholesky + triangular solve vs `cholesky` + explicit inverse, fp64.
+--dry-run: tiny shapes on the CPU (the paths a CPU lacks are skipped) so the script cannot rot.
 """
-import os
+import argparse
 
 import torch
 
 import svdkern
-from _harness import header, require_cuda, time_ms, write_csv
+from _harness import dry_run_env, header, require_cuda, results_path, time_ms, write_csv, write_markdown
+from svdkern.backends import torch_ops
+from svdkern.solvers.whiten import symmetrize
 
-SIZES = [576, 4096, 11008, 14336]
-TOTAL_TOKENS = 65536
+SIZES = [576, 4096, 11008]
+TOTAL_TOKENS = 32768
+
+
+class _tf32:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def gram_paths(device):
+    def ext(H, x):
+        torch.ops.svdkern.gram_accumulate(H, x)
+
+    def blocked(H, x):
+        torch_ops.gram_accumulate(H, x)
+
+    def addmm_fp32(H, x):
+        with _tf32(False):
+            H.addmm_(x.T.float(), x.float())
+
+    def addmm_tf32(H, x):
+        with _tf32(True):
+            H.addmm_(x.T.float(), x.float())
+
+    def mm_out_fp32(H, x):
+        H += torch.mm(x.T, x, out_dtype=torch.float32)
+
+    paths = {"blocked": blocked, "addmm fp32": addmm_fp32, "addmm tf32": addmm_tf32}
+    if device == "cuda":
+        paths["mm bf16->fp32"] = mm_out_fp32
+        if svdkern.has_cuda_ext():
+            paths["ext"] = ext
+    return paths
 
 
 def main():
-    require_cuda(__file__)
-    if not svdkern.has_cuda_ext():
-        from svdkern.backends.cuda_ext import load_error
-
-        raise SystemExit(f"the compiled extension did not load ({load_error()}); build it with "
-                         "`pip install --no-build-isolation -e .` on this machine")
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    require_cuda(__file__, args.dry_run)
+    device = dry_run_env(args.dry_run)
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    sizes, total, chunks = (SIZES, TOTAL_TOKENS, (2048, 8192)) if not args.dry_run else ([33, 70], 256, (64,))
     meta = header()
     rows = []
-    for n in SIZES:
-        for chunk in (2048, 8192):
-            X = torch.randn(TOTAL_TOKENS // chunk, chunk, n, device="cuda", dtype=torch.bfloat16)
-            H = torch.zeros(n, n, device="cuda")
-
-            def ours(H=H, X=X):
+    for n in sizes:
+        for chunk in chunks:
+            X = torch.randn(total // chunk, chunk, n, device=device, dtype=dtype)
+            ref = sum(x.double().T @ x.double() for x in X)
+            for name, fn in gram_paths(device).items():
+                H = torch.zeros(n, n, device=device)
                 for x in X:
-                    svdkern.gram_accumulate(H, x)
+                    fn(H, x)
+                full = symmetrize(H) if name in ("ext", "blocked") else H
+                err = float((full.double() - ref).abs().max() / ref.abs().max())
 
-            def baseline(H=H, X=X):
-                for x in X:
-                    H.addmm_(x.T.float(), x.float())
+                def run(H=H, fn=fn):
+                    for x in X:
+                        fn(H, x)
 
-            t_ours, t_base = time_ms(ours, [()]), time_ms(baseline, [()])
-            rows.append({**meta, "op": "gram", "n": n, "chunk": chunk, "ours_ms": round(t_ours, 3),
-                         "torch_ms": round(t_base, 3), "speedup": round(t_base / t_ours, 3)})
-            print(rows[-1], flush=True)
-        A = torch.randn(n + 64, n, device="cuda", dtype=torch.float64)
+                ms = time_ms(lambda H: run(H), [(H,)])
+                rows.append({**meta, "op": "gram", "path": name, "n": n, "chunk": chunk, "ms": round(ms, 3),
+                             "tflops": round(2 * total * n * n / (ms * 1e-3) / 1e12, 1),
+                             "rel_err": f"{err:.1e}"})
+                print(rows[-1], flush=True)
+        A = torch.randn(n + 64, n, device=device, dtype=torch.float64)
         Hw = A.T @ A
-        W = torch.randn(1024, n, device="cuda", dtype=torch.float64)
+        W = torch.randn(1024 if not args.dry_run else 16, n, device=device, dtype=torch.float64)
 
-        def whiten_ours():
+        def whiten_ours(Hw):
             L, _ = svdkern.cholesky_whiten(Hw)
             return torch.linalg.solve_triangular(L, W, upper=False, left=False)
 
-        def whiten_torch():
+        def whiten_inverse(Hw):
             return W @ torch.linalg.inv(torch.linalg.cholesky(Hw))
 
-        t_ours, t_base = time_ms(whiten_ours, [()]), time_ms(whiten_torch, [()])
-        rows.append({**meta, "op": "whiten", "n": n, "chunk": 0, "ours_ms": round(t_ours, 3),
-                     "torch_ms": round(t_base, 3), "speedup": round(t_base / t_ours, 3)})
-        print(rows[-1], flush=True)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       f"stats_{meta['gpu'].replace(' ', '_')}.csv")
-    write_csv(out, rows)
-    print(f"wrote {out}")
+        for name, fn in (("cholesky + solve", whiten_ours), ("cholesky + inverse", whiten_inverse)):
+            ms = time_ms(fn, [(Hw,)])
+            rows.append({**meta, "op": "whiten", "path": name, "n": n, "chunk": None, "ms": round(ms, 3),
+                         "tflops": None, "rel_err": None})
+            print(rows[-1], flush=True)
+    csv_path = results_path(args.out, "stats", meta["gpu"], "csv")
+    write_csv(csv_path, rows)
+    write_markdown(csv_path[:-4] + ".md", "Gram accumulation and whitening paths", meta, rows,
+                   f"Gram over {total} tokens per row; rel_err = max |H − H_fp64| / max |H_fp64|.")
+    print(f"wrote {csv_path} and .md")
 
 
 if __name__ == "__main__":

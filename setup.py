@@ -40,6 +40,8 @@ else:
     print(f"svdkern: skipping the CUDA extension ({build_ext}); PyTorch fallbacks will be used",
           file=sys.stderr)
 
+TRITON = "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"
+
 setup(
     name="svdkern",
     version="0.1.0",
@@ -55,9 +57,14 @@ setup(
         "gguf",
         "tqdm",
         "datasets",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"]},
+    # CUDA builds of torch bring Triton; on a CPU-only install it only serves the interpreter path
+    extras_require={
+        "triton": [TRITON],
+        "eval": ["lm-eval==0.4.13"],  # zero-shot tasks (svdkern eval --tasks)
+        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", TRITON],
+    },
     entry_points={"console_scripts": ["svdkern=svdkern.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -32,6 +32,7 @@ def load_model(spec: str, dtype=torch.float32, device=None):
     """(model, tokenizer) from 'smollm2', a .gguf file, an svdkern directory, or a HF id/dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    named = spec
     if spec == BUNDLED:
         spec = bundled_gguf()
     if spec.endswith(".gguf"):
@@ -40,12 +41,18 @@ def load_model(spec: str, dtype=torch.float32, device=None):
         folder, name = os.path.split(os.path.abspath(spec))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        source_dtype = "quantized"
     elif os.path.isfile(os.path.join(spec, METADATA)):
         model = load_compressed(spec, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(spec)
+        source_dtype = None
     else:
+        from transformers import AutoConfig
+
+        source_dtype = str(getattr(AutoConfig.from_pretrained(spec), "dtype", None) or "").replace("torch.", "") or None
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    model._svdkern_source = {"model": named, "dtype": source_dtype}  # save() picks its dtype from it
     model.eval()
     return (model.to(device) if device is not None else model), tokenizer
 
@@ -71,4 +78,10 @@ def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wik
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed, sampler)
     compress_model(model, windows, cfg, device=device, batch_size=batch_size,
                    checkpoint_dir=checkpoint_dir, progress=progress, log=log)
+    model._svdkern_run = {  # what `save` records for `svdkern info`
+        "method": method, "ratio": ratio,
+        "calibration": (None if cfg.whitening is None else
+                        {"text": calib if isinstance(calib, str) else "token windows given",
+                         "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                         "seed": seed, "sampler": sampler})}
     return model

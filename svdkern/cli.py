@@ -1,4 +1,9 @@
-"""`svdkern compress | eval | info`: the command-line front of the Python API."""
+"""`svdkern compress | eval | info | bench | generate`: the command-line front of the Python API.
+
+Plain `svdkern compress` compresses the bundled SmolLM2-135M with the `best` method at ratio 0.2
+on WikiText-2 calibration windows, prints the dense and compressed perplexity and saves the
+model to ./smollm2-best-0.2 (minutes on a laptop CPU).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +13,7 @@ import sys
 
 import torch
 
-from .preflight import PreflightError
+from .preflight import PreflightError, check_positive
 from .presets import DEFAULT_METHOD, LAYER_POLICIES, PRESETS, config_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,10 +29,14 @@ def _parse_floats(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="svdkern", description=__doc__)
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="svdkern", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a causal LM and save it")
+    c = sub.add_parser("compress", help="compress a causal LM and save it", **fmt,
+                       description="Compress a causal LM's decoder linears into low-rank factors, "
+                                   "compare perplexity with the dense model, and save the result.")
     c.add_argument("--model", default="smollm2",
                    help="HF id or directory, a .gguf file, or 'smollm2' (bundled, the default)")
     c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(PRESETS),
@@ -76,16 +85,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=int, default=64,
                    help="windows of the dense/compressed perplexity printed at the end")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity comparison")
+    c.add_argument("--save-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="dtype of the saved tensors; auto: the model's, but bfloat16 for a model run in "
+                        "float32 from a half-precision or quantized (GGUF) source")
+    c.add_argument("--report", action="store_true",
+                   help="also write report.png (per-layer truncation error and rank) into --out")
 
-    e = sub.add_parser("eval", help="perplexity on consecutive non-overlapping windows")
+    e = sub.add_parser("eval", help="perplexity on consecutive non-overlapping windows, or zero-shot "
+                                     "accuracy through lm-eval (--tasks)", **fmt)
     e.add_argument("model", help="svdkern directory, HF id/dir, .gguf file or 'smollm2'")
     e.add_argument("--data", default="wikitext2", help="'wikitext2' (test split) or a text file")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--windows", type=int, default=None, help="only the first W windows")
+    e.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="zero-shot tasks instead of perplexity: lm-eval names (arc_easy, piqa, ...) or "
+                        "paths to task YAML files; needs `pip install 'svdkern[eval]'`")
+    e.add_argument("--limit", type=int, default=None, help="with --tasks: only the first N items of each task")
     _add_run_args(e)
 
-    i = sub.add_parser("info", help="describe a saved compressed model")
+    i = sub.add_parser("info", help="describe a saved compressed model", **fmt)
     i.add_argument("directory")
+    i.add_argument("--json", action="store_true", help="print the raw svdkern.json instead")
+    i.add_argument("--plot", default=None, metavar="PNG", help="also plot per-layer error and rank here")
+
+    b = sub.add_parser("bench", help="prefill/decode tokens per second and peak memory, dense vs compressed",
+                       **fmt)
+    b.add_argument("model", help="svdkern directory (or any model load_model takes)")
+    b.add_argument("--dense", default="source",
+                   help="the dense model to compare with: 'source' (the one it was compressed from), "
+                        "a model spec, or 'none'")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _add_run_args(b)
+
+    g = sub.add_parser("generate", help="what the compressed model says (and the dense one, with --dense)",
+                       **fmt)
+    g.add_argument("model", help="svdkern directory (or any model load_model takes)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--dense", action="store_true", help="also answer with the source model")
+    _add_run_args(g)
     return p
 
 
@@ -171,16 +213,24 @@ def cmd_compress(args) -> int:
     windows = None
     if not args.no_eval:
         windows, described = _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
-        print(f"dense model: {_dense_perplexity(model, windows, described, args, ckpt, device)} on {described}")
+        dense = _dense_perplexity(model, windows, described, args, ckpt, device)
+        print(f"dense model: {dense} on {described}")
     compress(model, args.method, args.ratio, args.calib, tokenizer, args.nsamples, args.seqlen,
              args.seed, args.sampler, device, args.batch_size, ckpt, **knobs)
     report = model._svdkern_report
     print(f"{args.method} at ratio {args.ratio}: {report.summary()}")
     if windows is not None:
-        print(f"compressed model: {perplexity(model, windows, device=device)} on {described}")
+        after = perplexity(model, windows, device=device)
+        print(f"compressed model: {after} on {described}")
+        model._svdkern_eval = {"dense": dense.ppl, "compressed": after.ppl, "text": described}
         _forget_dense_perplexity(ckpt)
-    save(model, out, tokenizer, overwrite=args.overwrite)
+    save(model, out, tokenizer, overwrite=args.overwrite,
+         dtype=None if args.save_dtype == "auto" else DTYPES[args.save_dtype])
     print(f"saved to {out}")
+    if args.report:
+        from .report import plot, read_metadata
+
+        print(f"report plot: {plot(read_metadata(out), os.path.join(out, 'report.png'))}")
     return 0
 
 
@@ -220,6 +270,8 @@ def cmd_eval(args) -> int:
     from .evaluate import perplexity
 
     device = _device(args)
+    if args.tasks:
+        return _zero_shot(args, device)
     _check_run_args(args, [args.data])
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     _check_fits(model, args, None, min(args.batch_size, args.windows or args.batch_size))
@@ -229,21 +281,87 @@ def cmd_eval(args) -> int:
     return 0 if result.nonfinite_windows == 0 else 1
 
 
-def cmd_info(args) -> int:
-    from .io import METADATA
+def _zero_shot(args, device) -> int:
+    from .api import load_model
+    from .zeroshot import accuracy_table, evaluate, task_names
 
-    with open(os.path.join(args.directory, METADATA)) as f:
-        meta = json.load(f)
-    ranks = meta.pop("ranks")
-    print(json.dumps(meta, indent=1))
-    print(f"{len(ranks)} low-rank modules; distinct ranks: {sorted(set(ranks.values()))}")
+    task_names(args.tasks)  # names and files checked before the model loads
+    check_positive(limit=args.limit)
+    _check_run_args(args)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
+    results = evaluate(model, tokenizer, args.tasks, batch_size=args.batch_size, limit=args.limit)
+    print(accuracy_table(results))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .report import plot, read_metadata, summary
+
+    meta = read_metadata(args.directory)
+    print(json.dumps(meta, indent=1) if args.json else summary(args.directory, meta))
+    if args.plot:
+        print(f"plot: {plot(meta, args.plot)}")
+    return 0
+
+
+def _source_of(spec: str) -> str | None:
+    from .report import read_metadata
+
+    return ((read_metadata(spec).get("source") or {}).get("model")
+            if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "svdkern.json")) else None)
+
+
+def cmd_bench(args) -> int:
+    from .api import load_model
+    from .speed import measure, table
+
+    device = _device(args)
+    check_positive(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
+                   repeats=args.repeats)
+    dense = {"none": None, "source": _source_of(args.model)}.get(args.dense, args.dense)
+    if args.dense == "source" and dense is None:
+        raise PreflightError(f"{args.model} names no source model to compare with: pass --dense MODEL or --dense none")
+    rows = []
+    for name in [dense, args.model] if dense else [args.model]:
+        _check_run_args(argparse.Namespace(**{**vars(args), "model": name, "seqlen": args.prompt_tokens}))
+        model, _ = load_model(name, DTYPES[args.dtype], device)
+        rows.append(measure(model, name, args.prompt_tokens, args.new_tokens, args.batch, args.repeats))
+        del model
+    print(json.dumps([r.as_dict() for r in rows], indent=1) if args.json else table(rows))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .api import load_model
+
+    device = _device(args)
+    check_positive(max_new_tokens=args.max_new_tokens)
+    names = [args.model] + ([_source_of(args.model) or args.model] if args.dense else [])
+    if args.dense and names[1] == args.model:
+        raise PreflightError(f"{args.model} names no source model to answer with --dense")
+    for name in names:
+        _check_run_args(argparse.Namespace(**{**vars(args), "model": name, "seqlen": 2}))
+        model, tokenizer = load_model(name, DTYPES[args.dtype], device)
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = ids["input_ids"]
+        else:
+            ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids.to(device), max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        print(f"--- {name}{' (dense)' if name != args.model else ''}:\n{answer}")
+        del model
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
+                "generate": cmd_generate}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

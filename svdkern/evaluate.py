@@ -29,8 +29,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device=None,
     device = device or next(model.parameters()).device
     model.eval()
     total, tokens, bad = 0.0, 0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
+    for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size].to(device)
+        bar.update(len(ids))
         logits = model(input_ids=ids, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
         per_window = nll.sum(1)
@@ -38,6 +40,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device=None,
         bad += int((~finite).sum())
         total += float(per_window[finite].sum())
         tokens += int(finite.sum()) * (ids.shape[1] - 1)
+    bar.close()
     if tokens == 0:
         return PerplexityResult(math.nan, math.nan, len(windows), 0, bad)
     mean = total / tokens

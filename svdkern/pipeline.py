@@ -28,7 +28,7 @@ from .policy import allocate
 from .presets import CompressionConfig
 from .refine import refine_block
 from .solvers.aces import aces_beta, aces_coefficients
-from .solvers.factorize import factors_from_svd, svd_of, target
+from .solvers.factorize import factors_from_svd, svd_of, target, truncation_error
 from .solvers.rank import (RatioError, aligned_rank, check_saves_parameters, rank_for_ratio,
                           residual_rank)
 from .solvers.select import select_beta
@@ -48,6 +48,7 @@ class CompressionReport:
     refine: dict = field(default_factory=dict)       # layer -> block error before/after, steps
     allocation: dict = field(default_factory=dict)   # module name -> rank from the policy (None: dense)
     aligned_ranks: dict = field(default_factory=dict)  # module name -> rank before rank_align lowered it
+    truncation: dict = field(default_factory=dict)     # module name -> tail energy share of its target
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     block_params_before: int = 0
@@ -113,6 +114,7 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
             report.betas[prefix + name] = beta
         svd = svd_of(target(W, wh, delta, beta), cfg.svd_dtype)
         U, V = factors_from_svd(W, svd, wh, rank, rr, cfg.svd_dtype)
+        report.truncation[prefix + name] = truncation_error(svd, rank - rr)
         install(layer, name, U, V, linear)
         report.ranks[prefix + name] = rank
         report.residual_ranks[prefix + name] = rr
@@ -120,7 +122,7 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
 
 # ----------------------------------------------------------------------------- checkpoints
 
-REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine")
+REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine", "aligned_ranks", "truncation")
 
 
 class Checkpoint:
@@ -340,7 +342,7 @@ def _check_calibration_size(windows, layer0, arch):
 
 
 def _plain_svd(layers, arch, cfg, report, device, progress):
-    for i, layer in enumerate(tqdm(layers, desc="svd", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers, desc="svd", unit="layer", disable=not progress)):
         layer.to(device)
         for group in arch.groups:
             for name in group:
@@ -351,6 +353,7 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
                 if rank != wanted:
                     report.aligned_ranks[f"{i}.{name}"] = wanted
                 svd = svd_of(target(linear.weight, None), cfg.svd_dtype)
+                report.truncation[f"{i}.{name}"] = truncation_error(svd, rank)
                 install(layer, name, *factors_from_svd(linear.weight, svd, None, rank), linear)
                 report.ranks[f"{i}.{name}"] = rank
 
@@ -365,7 +368,8 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
         if saved is not None:
             streams = saved
             log(f"resuming from {ckpt.dir} at layer {start}")
-    bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.stream}", disable=not progress)
+    bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.stream}", unit="layer",
+               initial=start, total=len(layers), disable=not progress)
     staging = None  # decided on the first layer: does the staged executor reproduce it?
     for i in bar:
         layer = layers[i].to(device)

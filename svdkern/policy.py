@@ -77,7 +77,7 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
     nb = len(inputs.hidden)
     search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
     fp, trials = inputs.hidden, {}
-    for i in tqdm(range(N), desc="plc search", disable=not progress):
+    for i in tqdm(range(N), desc="plc search", unit="layer", disable=not progress):
         layer = layers[i].to(device)
         kwargs = inputs.kwargs[i]
         trials.update({k: fp[:search_batches] for k in candidates if N - k == i})

@@ -49,11 +49,14 @@ def output_fisher(model, layers, arch: Architecture, windows: torch.Tensor, batc
     batches = range(0, len(windows), batch_size)
     try:
         with torch.enable_grad():
-            for start in tqdm(batches, desc="sensitivity", disable=not progress):
+            bar = tqdm(total=len(windows), desc="sensitivity", unit="window", disable=not progress)
+            for start in batches:
                 ids = windows[start:start + batch_size].to(device)
+                bar.update(len(ids))
                 logits = model(input_ids=ids, use_cache=False).logits.float()
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
                 (loss * len(ids) / len(windows)).backward()
+            bar.close()
     finally:
         for h in handles:
             h.remove()

@@ -37,8 +37,35 @@ def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):
     assert not (tmp_path / "out.partial").exists()
     assert main(["eval", str(out), "--seqlen", "64", "--windows", "3", "--device", "cpu"]) == 0
     assert "over 3 windows" in capsys.readouterr().out
-    assert main(["info", str(out)]) == 0
-    assert '"format_version": 1' in capsys.readouterr().out
+    assert main(["info", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    info = capsys.readouterr().out
+    for line in ("method:      svd-llm at ratio 0.3", "calibration: 4 windows x 64 tokens of wikitext2",
+                 "perplexity:  dense", "low-rank:    14 modules", "truncation:", "source:      " + str(model_dir)):
+        assert line in info, info
+    assert len(info.splitlines()) < 15 and (tmp_path / "p.png").stat().st_size > 0
+    assert main(["info", str(out), "--json"]) == 0
+    assert '"format_version": 2' in capsys.readouterr().out
+
+
+def test_bench_and_generate_compare_with_the_source(model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.3", "--no-eval",
+                 "--out", str(out), "--device", "cpu", "--report"]) == 0
+    assert (out / "report.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["bench", str(out), "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1",
+                 "--device", "cpu", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [str(model_dir), str(out)]
+    assert rows[1]["parameters"] < rows[0]["parameters"] and all(r["decode_tokens_per_s"] > 0 for r in rows)
+    assert main(["bench", str(out), "--dense", "none", "--prompt-tokens", "8", "--new-tokens", "2",
+                 "--repeats", "1", "--device", "cpu"]) == 0
+    assert "| prefill tok/s |" in capsys.readouterr().out
+    assert main(["generate", str(out), "Say hi", "--max-new-tokens", "3", "--dense", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert f"--- {out}:" in text and f"--- {model_dir} (dense):" in text
 
 
 @pytest.mark.parametrize("args,message", [

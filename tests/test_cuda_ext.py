@@ -81,3 +81,20 @@ def test_pipeline_on_gpu_matches_cpu_fallback(windows):
     with torch.no_grad():
         a, b = gpu(windows.cuda()).logits.cpu(), cpu(windows).logits
     assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["sc-svd-llm", "ep-svd-llm", "saes-svd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_models_compress_on_gpu(method, dtype, windows):
+    """The two-stream statistics meet half-precision activations (issue 10, defect 1)."""
+    from conftest import tiny_model
+
+    gpu = tiny_model("llama", seed=7).to("cuda", dtype)
+    cpu = tiny_model("llama", seed=7).to(dtype).float()  # the same rounded weights, fp32 math
+    quiet = dict(progress=False, log=lambda *_: None)
+    svdkern.compress(gpu, method, 0.3, calib=windows, **quiet)
+    svdkern.compress(cpu, method, 0.3, calib=windows, **quiet)
+    with torch.no_grad():
+        a, b = gpu(windows.cuda()).logits.float().cpu(), cpu(windows).logits
+    assert torch.isfinite(a).all()
+    assert float((a - b).norm() / b.norm()) < 0.05  # half-precision activations, same factors' math

@@ -44,12 +44,13 @@ def test_save_refuses_to_clobber_and_overwrites_atomically(saved, windows):
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch, windows):
     model = tiny_model("llama")
-    import safetensors.torch
+    svdkern.compress(model, "svd", 0.25, progress=False, log=lambda *_: None)
+    import transformers.modeling_utils
 
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         svdkern.save(model, tmp_path / "out")
     assert os.listdir(tmp_path) == []
@@ -77,19 +78,54 @@ def test_corrupt_metadata(saved):
         svdkern.load(path)
 
 
+def edit_config(path, change):
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def test_mismatched_ranks(saved):
     _, path = saved
-    meta = json.loads((path / "svdkern.json").read_text())
-    meta["ranks"]["model.layers.0.mlp.up_proj"] += 1
-    (path / "svdkern.json").write_text(json.dumps(meta))
+    edit_config(path, lambda c: c["quantization_config"]["ranks"].update(
+        {"model.layers.0.mlp.up_proj": c["quantization_config"]["ranks"]["model.layers.0.mlp.up_proj"] + 1}))
     with pytest.raises(CheckpointError, match="does not match"):
         svdkern.load(path)
 
 
 def test_unknown_module(saved):
     _, path = saved
-    meta = json.loads((path / "svdkern.json").read_text())
-    meta["ranks"]["model.layers.7.mlp.up_proj"] = 3
-    (path / "svdkern.json").write_text(json.dumps(meta))
+    edit_config(path, lambda c: c["quantization_config"]["ranks"].update({"model.layers.7.mlp.up_proj": 3}))
     with pytest.raises(CheckpointError, match="lacks"):
         svdkern.load(path)
+
+
+def test_a_newer_format_is_refused_by_both_load_paths(saved):
+    from transformers import AutoModelForCausalLM
+
+    _, path = saved
+    edit_config(path, lambda c: c["quantization_config"].update({"format_version": 99}))
+    with pytest.raises(CheckpointError, match="newer svdkern.*upgrade"):
+        AutoModelForCausalLM.from_pretrained(path)
+    meta = json.loads((path / "svdkern.json").read_text())
+    (path / "svdkern.json").write_text(json.dumps(dict(meta, format_version=99)))
+    with pytest.raises(CheckpointError, match="newer svdkern.*upgrade"):
+        svdkern.load(path)
+
+
+def test_saved_directory_is_readable_by_others(saved):
+    _, path = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask
+    assert all(os.stat(path / name).st_mode & 0o777 == 0o666 & ~mask for name in os.listdir(path))
+
+
+def test_a_model_from_a_quantized_or_half_source_is_stored_in_bf16(tmp_path, windows):
+    model = tiny_model("llama")
+    svdkern.compress(model, "svd", 0.25, progress=False, log=lambda *_: None)
+    model._svdkern_source = {"model": "x.gguf", "dtype": "quantized"}
+    svdkern.save(model, tmp_path / "bf16")
+    assert svdkern.load(tmp_path / "bf16").model.layers[0].mlp.up_proj.U.dtype == torch.bfloat16
+    svdkern.save(model, tmp_path / "fp32", dtype=torch.float32)
+    assert svdkern.load(tmp_path / "fp32").model.layers[0].mlp.up_proj.U.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32  # saving does not change the model

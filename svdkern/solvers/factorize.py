@@ -41,6 +41,12 @@ def svd_of(G: torch.Tensor, svd_dtype: torch.dtype = torch.float64) -> TargetSVD
     return TargetSVD(U.double(), S.double(), Vh.double())
 
 
+def truncation_error(svd: TargetSVD, rank: int) -> float:
+    """Share of the (whitened) target's energy the kept rank drops: Σ_{i≥r} σ_i² / Σ σ_i²."""
+    energy = svd.S.square()
+    return float(energy[rank:].sum() / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny))
+
+
 def factors_from_svd(W: torch.Tensor, svd: TargetSVD, wh: Whitener | None, rank: int,
                      residual: int = 0, svd_dtype: torch.dtype = torch.float64):
     """Factors (U: m×rank, V: rank×n, float64) from a target SVD, with an optional REC stage.

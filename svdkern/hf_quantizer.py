@@ -1,0 +1,114 @@
+"""Stock transformers loading: svdkern registers itself as a quantization method.
+
+A compressed directory's config.json carries `quantization_config = {"quant_method": "svdkern",
+"ranks": {...}}`. After `import svdkern`, `AutoModelForCausalLM.from_pretrained(dir)` finds the
+quantizer below, which swaps each listed nn.Linear for a LowRankLinear of the saved rank while the
+model is still on the meta device, so the factors load like any weights (device_map, dtype and
+`save_pretrained` included).
+
+Without svdkern, transformers only warns about an unknown quantization method and would build a
+dense model with random linear layers. So the weights file also holds a one-element marker under
+the first compressed module's dense `weight` name: a stock load then stops on a size mismatch,
+never silently, after a report that lists a key naming the fix (HINT_KEY) and a warning about
+the unknown method "svdkern".
+"""
+from __future__ import annotations
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .models import set_submodule
+from .nn import LowRankLinear
+
+QUANT_METHOD = "svdkern"
+FORMAT_VERSION = 2
+HINT_KEY = "svdkern_factors.pip_install_svdkern_and_import_svdkern_before_from_pretrained"
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt, mismatched or too new svdkern checkpoint."""
+
+
+@register_quantization_config(QUANT_METHOD)
+class SvdkernConfig(QuantizationConfigMixin):
+    """The per-module ranks of a compressed model (and the marker's name)."""
+
+    def __init__(self, ranks: dict, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version = int(format_version)
+        if self.format_version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"this directory was saved by a newer svdkern (format {self.format_version}; this one "
+                f"reads up to {FORMAT_VERSION}): upgrade svdkern (pip install -U svdkern)")
+        if not ranks:
+            raise CheckpointError("the svdkern quantization_config lists no compressed modules")
+        self.ranks = {str(name): int(rank) for name, rank in ranks.items()}
+
+    def marker_key(self) -> str:
+        return f"{sorted(self.ranks)[0]}.weight"
+
+
+def marked_state_dict(model, config: SvdkernConfig, dtype=None) -> dict:
+    """The model's tensors (cast to `dtype` if given; tied tensors stay one) plus the marker."""
+    cast: dict = {}
+    state = {}
+    for key, value in model.state_dict().items():
+        ident = (value.data_ptr(), value.dtype, tuple(value.shape))
+        if ident not in cast:
+            cast[ident] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        state[key] = cast[ident]
+    state[config.marker_key()] = torch.zeros(1, dtype=dtype or torch.float32)
+    state[HINT_KEY] = torch.zeros(1, dtype=dtype or torch.float32)  # listed by a stock load's report
+    return state
+
+
+@register_quantizer(QUANT_METHOD)
+class SvdkernQuantizer(HfQuantizer):
+    """Builds LowRankLinear modules of the saved ranks before the factors load."""
+
+    requires_calibration = True  # only loads compressed directories: `svdkern compress` makes them
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        ranks = self.quantization_config.ranks
+        for name, rank in ranks.items():
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError as exc:
+                raise CheckpointError(f"the checkpoint names module {name}, which this "
+                                  f"{model.config.model_type} model lacks") from exc
+            low = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                                device="meta", dtype=linear.weight.dtype)
+            set_submodule(model, name, low)
+        ignore = set(model._keys_to_ignore_on_load_unexpected or ())
+        ignore |= {self.quantization_config.marker_key().replace(".", r"\."), HINT_KEY.replace(".", r"\.")}
+        model._keys_to_ignore_on_load_unexpected = ignore
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():  # the loader makes trainable Parameters; factors start frozen
+            if isinstance(module, LowRankLinear):
+                module.requires_grad_(False)
+        return model
+
+    save_dtype = None  # set by svdkern.save for the duration of one save_pretrained
+
+    def get_state_dict_and_metadata(self, model):
+        return marked_state_dict(model, self.quantization_config, self.save_dtype), {}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return True
+
+
+def mark_compressed(model) -> SvdkernConfig:
+    """Attach the config and quantizer that `save_pretrained` needs to write a loadable directory."""
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    config = SvdkernConfig(ranks)
+    model.config.quantization_config = config
+    model.hf_quantizer = SvdkernQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return config

@@ -1,0 +1,67 @@
+"""Stock transformers loading of compressed directories (issue 14): every path gives one model."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import svdkern
+from svdkern.nn import LowRankLinear
+
+from conftest import tiny_model
+from test_models import FAMILIES
+
+
+def logits(model, windows):
+    with torch.no_grad():
+        return model(windows[:2]).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_load_path_gives_the_same_logits(family, tmp_path, windows):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, seed=4)
+    svdkern.compress(model, "svd-llm", 0.3, calib=windows, progress=False, log=lambda *_: None)
+    expected = logits(model, windows)
+    svdkern.save(model, tmp_path / "a")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "a", device_map="cpu", dtype=torch.float32)
+    ours = svdkern.load(tmp_path / "a")
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for loaded in (stock, ours):
+        assert {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == ranks
+        assert not any(p.requires_grad for m in loaded.modules() if isinstance(m, LowRankLinear)
+                       for p in m.parameters())
+        torch.testing.assert_close(logits(loaded, windows), expected, rtol=0, atol=0)
+    stock.save_pretrained(tmp_path / "b")  # a loaded model saves a directory that loads the same way
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    torch.testing.assert_close(logits(again, windows), expected, rtol=0, atol=0)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "a", device_map="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for m in half.modules() if isinstance(m, LowRankLinear) for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_stock_loading_without_svdkern_fails_and_names_the_fix(tmp_path, windows):
+    model = tiny_model("llama")
+    svdkern.compress(model, "svd", 0.3, progress=False, log=lambda *_: None)
+    svdkern.save(model, tmp_path / "m")
+    code = ("import sys; sys.modules['svdkern'] = None\n"  # as if svdkern were not installed
+            "from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, COLUMNS="200"))
+    assert done.returncode != 0 and "RuntimeError" in done.stderr
+    assert "import_svdkern_before_from_pretrained" in done.stderr and "got svdkern" in done.stderr
+
+
+def test_dense_models_cannot_be_compressed_through_the_quantizer(windows):
+    from transformers import AutoModelForCausalLM
+
+    from svdkern.hf_quantizer import SvdkernConfig
+
+    with pytest.raises(ValueError, match="pre-quantized|pre_quantized|calibration"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            tiny_model("llama").save_pretrained(d)
+            AutoModelForCausalLM.from_pretrained(d, quantization_config=SvdkernConfig({"model.layers.0.mlp.up_proj": 4}))

@@ -46,7 +46,7 @@ def summary(directory: str, meta: dict) -> str:
     errors = comp.get("truncation") or {}
     if errors:
         worst = max(errors, key=errors.get)
-        lines.append(f"  truncation:  mean {sum(errors.values()) / len(errors):.4f} of the whitened target's "
+        lines.append(f"  truncation:  mean {sum(errors.values()) / len(errors):.4f} of the (whitened) target's "
                      f"energy dropped; most in layer {worst} ({errors[worst]:.4f})")
     return "\n".join(lines)
 
@@ -77,7 +77,7 @@ def plot(meta: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(xs, [layers[i][0] for i in xs], "o-", color="tab:red")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("whitened truncation error (mean)", color="tab:red")
+    ax.set_ylabel("truncation error (mean)", color="tab:red")
     twin = ax.twinx()
     twin.bar(xs, [layers[i][1] for i in xs], alpha=0.3, color="tab:blue")
     twin.set_ylabel("sum of ranks", color="tab:blue")

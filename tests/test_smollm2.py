@@ -39,17 +39,26 @@ def test_svd_llm_matches_the_reference_implementations(compressed, protocol):
     assert result.ppl == pytest.approx(86.5, rel=0.05)
 
 
-def test_save_load_identical_logits_and_tokenizer(compressed, protocol, tmp_path):
-    from transformers import AutoTokenizer
+def test_every_load_path_gives_identical_logits_and_tokenizer(compressed, protocol, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, tokenizer, _, evals = protocol
-    svdkern.save(compressed, tmp_path / "smol", tokenizer)
-    loaded = svdkern.load(tmp_path / "smol")
+    svdkern.save(compressed, tmp_path / "smol", tokenizer, dtype=torch.float32)
     with torch.no_grad():
-        assert torch.equal(loaded(evals[:2]).logits, compressed(evals[:2]).logits)
+        expected = compressed(evals[:2]).logits
+        for loaded in (svdkern.load(tmp_path / "smol"),
+                       AutoModelForCausalLM.from_pretrained(tmp_path / "smol", device_map="cpu")):
+            assert torch.equal(loaded(evals[:2]).logits, expected)
     again = AutoTokenizer.from_pretrained(tmp_path / "smol")
     text = "The tower is 324 metres tall."
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    # by default a model from the (quantized) GGUF source is stored in bf16: half the size
+    svdkern.save(compressed, tmp_path / "bf16", tokenizer)
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("bf16") < 0.51 * size("smol")
+    with torch.no_grad():
+        bf16 = svdkern.load(tmp_path / "bf16", dtype=torch.float32)(evals[:2]).logits
+    assert float((bf16 - expected).norm() / expected.norm()) < 0.05
 
 
 def test_near_singular_grams_defeat_float32_cholesky(protocol):

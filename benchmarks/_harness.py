@@ -31,6 +31,22 @@ def on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
 
 
+def bench_parser(doc: str):
+    """The GPU benchmarks' shared options: --dry-run and --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return ap
+
+
+def bench_device(args, script: str) -> str:
+    """'cuda', or 'cpu' for a dry run; refuses a real run without a GPU."""
+    require_cuda(script, args.dry_run)
+    return dry_run_env(args.dry_run)
+
+
 def dry_run_env(dry_run: bool) -> str:
     """The device to measure on; a dry run is the CPU with the Triton interpreter."""
     if dry_run:

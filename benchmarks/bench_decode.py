@@ -11,12 +11,11 @@ Python overhead would hide the kernels. Every decoder linear becomes a LowRankLi
 eager), the speedup over dense and the share of the dense stack's bytes the factors read.
 --dry-run: a tiny stack on the CPU (Triton interpreter, eager only) so the script cannot rot.
 """
-import argparse
 import os
 
 import torch
 
-from _harness import dry_run_env, header, require_cuda, results_path, write_csv, write_markdown
+from _harness import bench_device, bench_parser, header, results_path, write_csv, write_markdown
 from svdkern.models import set_submodule
 from svdkern.nn import LowRankLinear
 from svdkern.solvers.rank import aligned_rank, rank_for_ratio
@@ -90,13 +89,10 @@ def step_ms(model, batch: int, prompt: int, graphs: bool):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = bench_parser(__doc__)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--dry-run", action="store_true", help="a tiny stack on the CPU")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
-    require_cuda(__file__, args.dry_run)
-    device = dry_run_env(args.dry_run)
+    device = bench_device(args, __file__)
     dtype = torch.float16 if args.dry_run else torch.bfloat16
     layers, prompt, batches = (2, 8, (1,)) if args.dry_run else (args.layers, PROMPT, (1, 8))
     meta, rows = header(), []

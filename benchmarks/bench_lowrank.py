@@ -11,12 +11,10 @@ two kernels timed alone (shrink, expand); % of the HBM floor and of the bf16 ten
 Writes results/lowrank_<GPU>.csv and .md. --dry-run: tiny shapes on the CPU (Triton
 interpreter), so the script cannot rot between GPU sessions.
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from _harness import (H100, dry_run_env, graph_ms, header, require_cuda, results_path, rotating,
+from _harness import (H100, bench_device, bench_parser, graph_ms, header, results_path, rotating,
                       time_ms, write_csv, write_markdown)
 from svdkern.backends import triton_lowrank
 from svdkern.solvers.rank import aligned_rank, rank_for_ratio
@@ -47,12 +45,8 @@ def kernels(x, U, V):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = ap.parse_args()
-    require_cuda(__file__, args.dry_run)
-    device = dry_run_env(args.dry_run)
+    args = bench_parser(__doc__).parse_args()
+    device = bench_device(args, __file__)
     dtype = torch.float16 if args.dry_run else torch.bfloat16  # the interpreter has no bf16
     shapes, ratios, tokens = ((SHAPES, RATIOS, TOKENS) if not args.dry_run
                               else ([(96, 80)], [0.4], [1, 20]))

@@ -13,12 +13,10 @@ Each row gives ms, TFLOP/s counted on the full n²·T product, and the max error
 Whitening: damped Cholesky + triangular solve vs `cholesky` + explicit inverse, fp64.
 --dry-run: tiny shapes on the CPU (the paths a CPU lacks are skipped) so the script cannot rot.
 """
-import argparse
-
 import torch
 
 import svdkern
-from _harness import dry_run_env, header, require_cuda, results_path, time_ms, write_csv, write_markdown
+from _harness import bench_device, bench_parser, header, results_path, time_ms, write_csv, write_markdown
 from svdkern.backends import torch_ops
 from svdkern.solvers.whiten import symmetrize
 
@@ -65,12 +63,8 @@ def gram_paths(device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = ap.parse_args()
-    require_cuda(__file__, args.dry_run)
-    device = dry_run_env(args.dry_run)
+    args = bench_parser(__doc__).parse_args()
+    device = bench_device(args, __file__)
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     sizes, total, chunks = (SIZES, TOTAL_TOKENS, (2048, 8192)) if not args.dry_run else ([33, 70], 256, (64,))
     meta = header()

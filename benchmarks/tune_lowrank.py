@@ -10,7 +10,6 @@ bucket (1, 4, 16 decode; 64, 512, 2048 prefill), every candidate config of every
 svdkern/backends/configs/lowrank_<GPU name>.json (read at launch: lowrank_configs.py), and a copy
 to --out. --dry-run: tiny shapes and two candidates on the CPU (Triton interpreter).
 """
-import argparse
 import datetime
 import os
 import shutil
@@ -18,7 +17,7 @@ import subprocess
 
 import torch
 
-from _harness import dry_run_env, require_cuda
+from _harness import bench_device, bench_parser
 from svdkern.backends import lowrank_configs, triton_lowrank
 from svdkern.solvers.rank import aligned_rank, rank_for_ratio
 
@@ -68,15 +67,12 @@ def time_config(regime, a, b, c, cfg, dry_run: bool) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = bench_parser(__doc__)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--out", default=None, help="also copy the table here")
     args = ap.parse_args()
-    require_cuda(__file__, args.dry_run)
-    device = dry_run_env(args.dry_run)
+    device = bench_device(args, __file__)
     dtype = torch.float16 if args.dry_run else torch.bfloat16
     hidden, inter = (48, 80) if args.dry_run else (args.hidden, args.intermediate)
     ratios = [float(r) for r in args.ratios.split(",")]

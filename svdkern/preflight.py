@@ -126,10 +126,15 @@ def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_
 
 
 def available_host_bytes() -> int | None:
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field: N kB" line of a Linux /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

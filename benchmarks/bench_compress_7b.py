@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compress_7b.py [--nsamples 128] [--dry-run] [--out DIR]
 
-Random weights, 4 decoder layers of Llama-7B's shapes, nsamples x 2048 calibration tokens, bf16
+Random weights, --layers decoder layers (4) of Llama-7B's shapes, nsamples x 2048 calibration tokens, bf16
 model, fp32 statistics, fp32 SVDs. Each Gram path (SVDKERN_GRAM=blas: blocked cuBLAS panels;
 ext: the compiled hand kernels, when built) runs in its own process, so neither inherits the
 other's caches. --dry-run: a tiny model on the CPU (the blas path only).
@@ -17,7 +17,7 @@ import time
 import torch
 
 
-def one_run(dry_run: bool, nsamples: int) -> dict:
+def one_run(dry_run: bool, nsamples: int, layers: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import svdkern
@@ -27,7 +27,7 @@ def one_run(dry_run: bool, nsamples: int) -> dict:
                  vocab_size=256) if dry_run else
             dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000))
-    cfg = AutoConfig.for_model("llama", num_hidden_layers=4 if not dry_run else 2, **dims)
+    cfg = AutoConfig.for_model("llama", num_hidden_layers=layers if not dry_run else 2, **dims)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if not dry_run else torch.float32).eval()
@@ -47,12 +47,13 @@ def one_run(dry_run: bool, nsamples: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one_run(args.dry_run, args.nsamples if not args.dry_run else 4)))
+        print(json.dumps(one_run(args.dry_run, args.nsamples if not args.dry_run else 4, args.layers)))
         return
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_compress_7b.py needs a CUDA device; none is visible (--dry-run: the CPU).")
@@ -60,14 +61,16 @@ def main():
 
     rows = []
     for gram in (("blas",) if args.dry_run else ("blas", "ext")):
-        cmd = [sys.executable, __file__, "--child", "--nsamples", str(args.nsamples)] + (["--dry-run"] if args.dry_run else [])
+        cmd = ([sys.executable, __file__, "--child", "--nsamples", str(args.nsamples), "--layers", str(args.layers)]
+               + (["--dry-run"] if args.dry_run else []))
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SVDKERN_GRAM": gram})
         if out.returncode:
             raise SystemExit(f"the {gram} run failed:\n{out.stderr[-3000:]}")
-        rows.append({**header(), "nsamples": args.nsamples, **json.loads(out.stdout.strip().splitlines()[-1])})
+        rows.append({**header(), "layers": args.layers, "nsamples": args.nsamples,
+                     **json.loads(out.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
     path = results_path(args.out, "compress_7b", rows[0]["gpu"], "md")
-    write_markdown(path, "SVD-LLM compression time, 4 Llama-7B-shaped layers, per Gram path", rows[0], rows,
+    write_markdown(path, f"SVD-LLM compression time, {args.layers} Llama-7B-shaped layers, per Gram path", rows[0], rows,
                    "ext runs the extension's kernels only when it is built (extension: true).")
     print(f"wrote {path}")
 

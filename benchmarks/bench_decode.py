@@ -8,7 +8,7 @@ step (the decoder layers and the final norm; not lm_head, which compression leav
 captured once as a CUDA graph and replayed, the way serving engines run decode: HF `generate`'s
 Python overhead would hide the kernels. Every decoder linear becomes a LowRankLinear at ratio
 0.4 with the papers' rank ("raw") or rank_align=64's. Reports ms per step (graph replay, and
-eager), the speedup over dense and the share of the dense stack's bytes the factors read.
+eager), the speedup over dense and the parameters of the layers.
 --dry-run: a tiny stack on the CPU (Triton interpreter, eager only) so the script cannot rot.
 """
 import os
@@ -48,44 +48,60 @@ def to_low_rank(model, align):
     return model
 
 
+WARMUP, EAGER_STEPS, GRAPH_REPLAYS = 3, 20, 50
+
+
 def step_ms(model, batch: int, prompt: int, graphs: bool):
-    """(graph ms, eager ms) of one decode step after a prompt of `prompt` tokens."""
+    """(graph ms, eager ms) of one decode step after a prompt of `prompt` tokens.
+
+    Every step, eager or replayed, writes one more slot of the static cache (its position
+    counter lives on the device and advances inside the graph too), so the cache holds exactly
+    the steps taken: a replay past its end would write out of bounds. Attention runs over the
+    whole static cache whatever the position, so every step costs the same.
+    """
     import time
 
     from transformers import StaticCache
 
     device = next(model.parameters()).device
-    cache = StaticCache(config=model.config, max_cache_len=prompt + 64)
+    steps = WARMUP + EAGER_STEPS + (1 + GRAPH_REPLAYS if graphs else 0)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    taken = 0
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(prompt, device=device))
+        model.model(input_ids=ids, cache=cache, use_cache=True)
         token = ids[:, -1:].clone()
-        position = torch.tensor([prompt], device=device)
 
         def step():
-            return model.model(input_ids=token, past_key_values=cache, use_cache=True,
-                               cache_position=position).last_hidden_state
+            nonlocal taken
+            taken += 1
+            if taken > steps:
+                raise RuntimeError(f"decode step {taken} would overflow the static cache of {steps} steps")
+            return model.model(input_ids=token, cache=cache, use_cache=True).last_hidden_state
 
-        for _ in range(3):  # compile and autotune outside any capture
+        for _ in range(WARMUP):  # compile and autotune outside any capture
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        reps = 20 if device.type == "cuda" else 1
-        for _ in range(reps):
+        for _ in range(EAGER_STEPS):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        eager = (time.perf_counter() - t0) * 1e3 / reps
+        eager = (time.perf_counter() - t0) * 1e3 / EAGER_STEPS
         if not graphs:
             return None, eager
-        import triton
-
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()
-        return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median"), eager
+            step()  # captured: each replay advances the cache by one, as counted here
+        taken += GRAPH_REPLAYS - 1
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(GRAPH_REPLAYS):
+            graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / GRAPH_REPLAYS, eager
 
 
 def main():

@@ -18,6 +18,7 @@ the GPU tests; the build is only listed. tests/test_gpu_suite.py runs it in CI.
 import argparse
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,12 +53,26 @@ def steps(out: str, dry_run: bool) -> list[dict]:
         {"name": "bench: fused low-rank linear", "limit": 180, "dry": True, "cmd": bench("bench_lowrank.py")},
         {"name": "bench: decode step under CUDA graphs", "limit": 150, "dry": True, "cmd": bench("bench_decode.py")},
         {"name": "bench: Gram and whitening", "limit": 120, "dry": True, "cmd": bench("bench_stats.py")},
-        {"name": "bench: SVD-LLM on 4 LLaMA-7B layers per Gram path", "limit": 150, "dry": True,
-         "cmd": bench("bench_compress_7b.py", "--nsamples", "32")},
+        {"name": "bench: SVD-LLM on 2 LLaMA-7B layers per Gram path", "limit": 150, "dry": True,
+         "cmd": bench("bench_compress_7b.py", "--nsamples", "32", "--layers", "2")},
         {"name": "bench: engine memory at LLaMA-7B shapes", "limit": 240, "dry": True,
          "cmd": bench("bench_engine.py", *([] if dry_run else ["--scale", "1", "--layers", "1", "--nsamples", "4",
                                                                 "--methods", "svd-llm,ep-svd-llm,erc-svd"]))},
     ]
+
+
+def run_step(cmd: list[str], env: dict, limit: float) -> tuple[str, str]:
+    """(status, output) of one step; past its limit the step's whole process group is killed
+    (benchmarks start children of their own, which would hold the GPU into the next step)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=limit)
+        return ("ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"), output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return f"FAILED (timed out after {limit:.0f} s)", output
 
 
 def commit() -> str:
@@ -104,14 +119,8 @@ def main() -> int:
             record["status"] = "skipped: out of budget"
         else:
             t0 = time.monotonic()
-            try:
-                done = subprocess.run(step["cmd"], cwd=REPO, env={**env, **step.get("env", {})},
-                                      capture_output=True, text=True, timeout=min(step["limit"], left))
-                record["status"] = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
-                output = done.stdout + done.stderr
-            except subprocess.TimeoutExpired as exc:
-                record["status"] = f"FAILED (timed out after {min(step['limit'], left):.0f} s)"
-                output = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+            record["status"], output = run_step(step["cmd"], {**env, **step.get("env", {})},
+                                                min(step["limit"], left))
             record["seconds"] = time.monotonic() - t0
             record["tail"] = "\n".join(output.strip().splitlines()[-15:])
             failed += record["status"] != "ok"

@@ -4,9 +4,10 @@
                                       [--dry-run] [--out DIR]
 
 For each decoder linear shape of the architecture (q/k/v/o: hidden²; gate/up: hidden→inter;
-down: inter→hidden), each ratio, each rank (the papers' rule and rank_align=64's) and each token
-bucket (1, 4, 16 decode; 64, 512, 2048 prefill), every candidate config of every regime is timed
-(do_bench, short repetitions) and the fastest kept. The table goes to
+down: inter→hidden), each ratio, each rank (the default rank_align="auto" one first, then the
+papers' rule and rank_align=64's) and each token bucket (1, 4, 16 decode; 64, 512, 2048 prefill),
+every candidate config of every regime is timed (do_bench, short repetitions) and the fastest
+kept. The table is rewritten after every shape, so a run cut short keeps what it measured. The table goes to
 svdkern/backends/configs/lowrank_<GPU name>.json (read at launch: lowrank_configs.py), and a copy
 to --out. --dry-run: tiny shapes and two candidates on the CPU (Triton interpreter).
 """
@@ -26,13 +27,16 @@ PREFILL_BUCKETS = (64, 512, 2048)
 
 
 def shapes(hidden: int, intermediate: int, ratios, align: int):
-    """{(m, n, k)} of the architecture's linears at each ratio and rank variant."""
-    out = set()
-    for m, n in ((hidden, hidden), (intermediate, hidden), (hidden, intermediate)):
-        for ratio in ratios:
+    """{(m, n, k)} of the architecture's linears at each ratio: the default ("auto") rank first,
+    then the papers' rank and the `align`-aligned one (other ranks use the nearest entry)."""
+    out = []
+    for ratio in ratios:
+        for m, n in ((hidden, hidden), (intermediate, hidden), (hidden, intermediate)):
             raw = rank_for_ratio(m, n, ratio)
-            out |= {(m, n, raw), (m, n, aligned_rank(raw, align))}
-    return sorted(out)
+            for k in (aligned_rank(raw, "auto"), raw, aligned_rank(raw, align)):
+                if (m, n, k) not in out:
+                    out.append((m, n, k))
+    return out
 
 
 def launches(m, n, k, T, device, dtype):
@@ -78,6 +82,12 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     buckets = (1, 32) if args.dry_run else DECODE_BUCKETS + PREFILL_BUCKETS
     gpu = torch.cuda.get_device_name() if not args.dry_run else "cpu dry run"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    provenance = {"date": datetime.date.today().isoformat(), "commit": sha, "torch": torch.__version__,
+                  "hidden": hidden, "intermediate": inter, "ratios": ratios}
+    path = (lowrank_configs.table_path(gpu) if not args.dry_run
+            else os.path.join(args.out or ".", os.path.basename(lowrank_configs.table_path(gpu))))
     table: dict = {}
     for m, n, k in shapes(hidden, inter, ratios, 8 if args.dry_run else 64):
         for T in buckets:
@@ -85,18 +95,14 @@ def main():
                 cands = triton_lowrank.candidates(regime)[: 2 if args.dry_run else None]
                 times = [time_config(regime, a, b, c, cfg, args.dry_run) for cfg in cands]
                 best = min(range(len(cands)), key=times.__getitem__)
-                table.setdefault(regime, {}).setdefault(f"{b.shape[0]},{a.shape[1]}", {})[T] = cands[best]
+                key = lowrank_configs.shape_key(b.shape[0], a.shape[1], b.dtype)
+                table.setdefault(regime, {}).setdefault(key, {})[T] = cands[best]
+        # written after every shape: a run stopped by its time limit keeps what it measured
+        lowrank_configs.write_table(path, gpu, table, provenance)
+        if args.out and os.path.dirname(os.path.abspath(path)) != os.path.abspath(args.out):
+            os.makedirs(args.out, exist_ok=True)
+            shutil.copy(path, args.out)
         print(f"tuned m={m} n={n} k={k}", flush=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    provenance = {"date": datetime.date.today().isoformat(), "commit": sha, "torch": torch.__version__,
-                  "hidden": hidden, "intermediate": inter, "ratios": ratios}
-    path = (lowrank_configs.table_path(gpu) if not args.dry_run
-            else os.path.join(args.out or ".", os.path.basename(lowrank_configs.table_path(gpu))))
-    lowrank_configs.write_table(path, gpu, table, provenance)
-    if args.out and os.path.dirname(os.path.abspath(path)) != os.path.abspath(args.out):
-        os.makedirs(args.out, exist_ok=True)
-        shutil.copy(path, args.out)
     print(f"wrote {path}")
 
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .data import calibration_windows
+from .hf_quantizer import mark_compressed
 from .io import METADATA
 from .io import load as load_compressed
 from .pipeline import compress_model
@@ -52,7 +53,9 @@ def load_model(spec: str, dtype=torch.float32, device=None):
         source_dtype = str(getattr(AutoConfig.from_pretrained(spec), "dtype", None) or "").replace("torch.", "") or None
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-    model._svdkern_source = {"model": named, "dtype": source_dtype}  # save() picks its dtype from it
+    local = named != BUNDLED and os.path.exists(named)
+    model._svdkern_source = {"model": os.path.abspath(named) if local else named,  # save() picks its
+                             "dtype": source_dtype}                                # dtype from it
     model.eval()
     return (model.to(device) if device is not None else model), tokenizer
 
@@ -78,6 +81,7 @@ def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wik
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed, sampler)
     compress_model(model, windows, cfg, device=device, batch_size=batch_size,
                    checkpoint_dir=checkpoint_dir, progress=progress, log=log)
+    mark_compressed(model)  # model.save_pretrained now writes a directory that loads back
     model._svdkern_run = {  # what `save` records for `svdkern info`
         "method": method, "ratio": ratio,
         "calibration": (None if cfg.whitening is None else

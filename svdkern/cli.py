@@ -316,8 +316,9 @@ def cmd_bench(args) -> int:
     from .speed import measure, table
 
     device = _device(args)
-    check_positive(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
-                   repeats=args.repeats)
+    check_positive(prompt_tokens=args.prompt_tokens, batch=args.batch, repeats=args.repeats)
+    if args.new_tokens < 2:
+        raise PreflightError(f"--new-tokens must be at least 2 to time decode steps; got {args.new_tokens}")
     dense = {"none": None, "source": _source_of(args.model)}.get(args.dense, args.dense)
     if args.dense == "source" and dense is None:
         raise PreflightError(f"{args.model} names no source model to compare with: pass --dense MODEL or --dense none")

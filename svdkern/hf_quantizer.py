@@ -54,7 +54,10 @@ def marked_state_dict(model, config: SvdkernConfig, dtype=None) -> dict:
     cast: dict = {}
     state = {}
     for key, value in model.state_dict().items():
-        ident = (value.data_ptr(), value.dtype, tuple(value.shape))
+        if value.is_meta or value.data_ptr() == 0:  # no storage to share (meta, offloaded)
+            ident = key
+        else:
+            ident = (value.data_ptr(), value.dtype, tuple(value.shape))
         if ident not in cast:
             cast[ident] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         state[key] = cast[ident]
@@ -80,35 +83,54 @@ class SvdkernQuantizer(HfQuantizer):
             low = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None,
                                 device="meta", dtype=linear.weight.dtype)
             set_submodule(model, name, low)
-        ignore = set(model._keys_to_ignore_on_load_unexpected or ())
-        ignore |= {self.quantization_config.marker_key().replace(".", r"\."), HINT_KEY.replace(".", r"\.")}
-        model._keys_to_ignore_on_load_unexpected = ignore
+        patterns = [self.quantization_config.marker_key().replace(".", r"\."), HINT_KEY.replace(".", r"\.")]
+        ignore = model._keys_to_ignore_on_load_unexpected
+        model._keys_to_ignore_on_load_unexpected = (set(ignore or ()) | set(patterns) if isinstance(ignore, set)
+                                                    else list(ignore or []) + patterns)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():  # the loader makes trainable Parameters; factors start frozen
             if isinstance(module, LowRankLinear):
                 module.requires_grad_(False)
+        _plain_floats(model)
         return model
 
     save_dtype = None  # set by svdkern.save for the duration of one save_pretrained
 
-    def get_state_dict_and_metadata(self, model):
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):  # 4.x also passes safe_serialization
         return marked_state_dict(model, self.quantization_config, self.save_dtype), {}
 
-    def is_serializable(self):
+    def is_serializable(self, *args, **kwargs):
         return True
 
     @property
     def is_trainable(self):
         return True
 
+    @property
+    def is_qat_trainable(self) -> bool:  # the factors are ordinary float Parameters
+        return True
+
+    @property
+    def is_compileable(self) -> bool:  # lowrank_linear is a torch.library op with a fake
+        return True
+
 
 def mark_compressed(model) -> SvdkernConfig:
-    """Attach the config and quantizer that `save_pretrained` needs to write a loadable directory."""
+    """Attach the config and quantizer that `save_pretrained` needs to write a loadable directory
+    (called by `compress`, `save` and after padding ranks: the ranks are read afresh)."""
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     config = SvdkernConfig(ranks)
     model.config.quantization_config = config
     model.hf_quantizer = SvdkernQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    _plain_floats(model)
     return config
+
+
+def _plain_floats(model) -> None:
+    """transformers refuses .half()/.float() and Trainer for `is_quantized` models; the factors
+    are ordinary float tensors, so svdkern models stay unflagged (the quantizer is only for I/O)."""
+    for module in model.modules():
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False

@@ -45,11 +45,11 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=N
     try:
         config = mark_compressed(model)
         model.hf_quantizer.save_dtype = dtype
-        saved_quant_dtype = model.config.dtype
+        config_dtype = model.config.dtype
         try:
             model.save_pretrained(tmp)
         finally:
-            model.config.dtype = saved_quant_dtype
+            model.config.dtype = config_dtype
             model.hf_quantizer.save_dtype = None
         _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
         if tokenizer is not None:
@@ -123,9 +123,10 @@ def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = Non
     from transformers import AutoModelForCausalLM
 
     directory = os.fspath(directory)
-    meta_path, weights_path = os.path.join(directory, METADATA), os.path.join(directory, WEIGHTS)
-    config_path = os.path.join(directory, "config.json")
-    for path in (meta_path, weights_path, config_path):
+    meta_path, config_path = os.path.join(directory, METADATA), os.path.join(directory, "config.json")
+    weights_path = os.path.join(directory, WEIGHTS)
+    index_path = weights_path + ".index.json"  # save_pretrained shards models past 50 GB
+    for path in (meta_path, weights_path if not os.path.isfile(index_path) else index_path, config_path):
         if not os.path.isfile(path):
             raise CheckpointError(f"{directory} is not an svdkern checkpoint: {os.path.basename(path)} is missing")
     try:
@@ -142,15 +143,21 @@ def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = Non
     if version < FORMAT_VERSION or quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{directory} has format {version}, from an older svdkern that stock transformers "
                               "cannot load: compress the model again to re-save it")
-    try:
-        with safe_open(weights_path, "pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path} is corrupt or truncated ({exc}); re-save the model") from exc
+    shards = [weights_path]
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            shards = sorted({os.path.join(directory, name) for name in json.load(f)["weight_map"].values()})
+    shapes = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, "pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{shard} is corrupt or truncated ({exc}); re-save the model") from exc
     for name, rank in quant.get("ranks", {}).items():
         got = shapes.get(f"{name}.U")
         if got is None:
-            raise CheckpointError(f"{weights_path} lacks {name}.U, which config.json's ranks list")
+            raise CheckpointError(f"the weights lack {name}.U, which config.json's ranks list")
         if got[1] != rank:
             raise CheckpointError(f"{name}.U: checkpoint shape {got} does not match rank {rank} in config.json")
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
@@ -164,5 +171,6 @@ def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = Non
         raise CheckpointError(f"{directory} does not load ({exc.__class__.__name__}: {str(exc)[:300]})") from exc
     if pad_ranks_to is not None:
         pad_ranks(model, pad_ranks_to)
+        mark_compressed(model)  # the ranks save_pretrained records are the padded ones
     model.eval()
     return model

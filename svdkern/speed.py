@@ -78,8 +78,11 @@ def measure(model, name: str, prompt_tokens: int = 128, new_tokens: int = 32, ba
     else:
         _reset_cpu_peak()
 
-    def prefill():
-        model(input_ids=ids, use_cache=False)
+    if new_tokens < 2:
+        raise ValueError(f"decode speed needs at least 2 new tokens; got {new_tokens}")
+
+    def prefill():  # the prompt and the first token, as generate does it
+        model.generate(ids, **dict(kwargs, max_new_tokens=1, min_new_tokens=1))
 
     def decode():
         model.generate(ids, **kwargs)
@@ -89,8 +92,8 @@ def measure(model, name: str, prompt_tokens: int = 128, new_tokens: int = 32, ba
         decode()
     prefill_s = _median_s(prefill, device, repeats)
     generate_s = _median_s(decode, device, repeats)
-    # generate = one prefill + new_tokens − 1 decode steps: take the prefill out
-    decode_s = max(generate_s - prefill_s, 1e-9) / max(new_tokens - 1, 1)
+    # generate(N) = the prefill above + N − 1 decode steps
+    decode_s = max(generate_s - prefill_s, 1e-9) / (new_tokens - 1)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "CUDA memory allocated (peak)"
     else:

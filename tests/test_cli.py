@@ -63,6 +63,8 @@ def test_bench_and_generate_compare_with_the_source(model_dir, tmp_path, capsys)
     assert main(["bench", str(out), "--dense", "none", "--prompt-tokens", "8", "--new-tokens", "2",
                  "--repeats", "1", "--device", "cpu"]) == 0
     assert "| prefill tok/s |" in capsys.readouterr().out
+    assert main(["bench", str(out), "--new-tokens", "1", "--device", "cpu"]) == 2
+    assert "--new-tokens must be at least 2" in capsys.readouterr().err
     assert main(["generate", str(out), "Say hi", "--max-new-tokens", "3", "--dense", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert f"--- {out}:" in text and f"--- {model_dir} (dense):" in text

@@ -17,7 +17,7 @@ def test_gpu_suite_dry_run(tmp_path):
     names = [row.split(" | ")[0][2:] for row in rows]
     assert names == ["environment", "build (sm_90 only)", "extension loads", "GPU tests", "tune kernel configs",
                      "bench: fused low-rank linear", "bench: decode step under CUDA graphs",
-                     "bench: Gram and whitening", "bench: SVD-LLM on 4 LLaMA-7B layers per Gram path",
+                     "bench: Gram and whitening", "bench: SVD-LLM on 2 LLaMA-7B layers per Gram path",
                      "bench: engine memory at LLaMA-7B shapes"]
     assert all((" | ok | " in row) or ("listed (needs a GPU)" in row) for row in rows), summary
     for table in ("lowrank_cpu_dry_run.md", "decode_step_cpu_dry_run.md", "stats_cpu_dry_run.md",

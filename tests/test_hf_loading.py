@@ -65,3 +65,53 @@ def test_dense_models_cannot_be_compressed_through_the_quantizer(windows):
         with tempfile.TemporaryDirectory() as d:
             tiny_model("llama").save_pretrained(d)
             AutoModelForCausalLM.from_pretrained(d, quantization_config=SvdkernConfig({"model.layers.0.mlp.up_proj": 4}))
+
+
+def test_tied_embeddings_stay_one_tensor_through_a_cast_save(tmp_path, windows):
+    from safetensors import safe_open
+
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    svdkern.compress(model, "svd", 0.3, progress=False, log=lambda *_: None)
+    svdkern.save(model, tmp_path / "m", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert ("model.embed_tokens.weight" in keys) != ("lm_head.weight" in keys)  # one copy on disk
+    loaded = svdkern.load(tmp_path / "m")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
+
+
+def test_loaded_and_compressed_models_stay_ordinary_float_models(tmp_path, windows):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    svdkern.compress(model, "svd", 0.3, progress=False, log=lambda *_: None)
+    model.save_pretrained(tmp_path / "direct")  # right after compress: loadable, stock
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "direct")
+    torch.testing.assert_close(logits(loaded, windows), logits(model, windows), rtol=0, atol=0)
+    for m in (model, loaded):
+        assert not getattr(m, "is_quantized", False)
+        assert m.hf_quantizer.is_compileable and m.hf_quantizer.is_qat_trainable
+        m.half()  # transformers refuses .half()/.float() on quantized models
+        m.float()
+
+
+def test_padded_ranks_save_and_load_back(tmp_path, windows):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    svdkern.compress(model, "svd-llm", 0.3, calib=windows, rank_align=1, progress=False, log=lambda *_: None)
+    svdkern.save(model, tmp_path / "a")
+    padded = svdkern.load(tmp_path / "a", pad_ranks_to=16)
+    assert any(m.rank % 16 == 0 for m in padded.modules() if isinstance(m, LowRankLinear))
+    padded.save_pretrained(tmp_path / "b")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert ({n: m.rank for n, m in again.named_modules() if isinstance(m, LowRankLinear)}
+            == {n: m.rank for n, m in padded.named_modules() if isinstance(m, LowRankLinear)})
+    torch.testing.assert_close(logits(again, windows), logits(model, windows), rtol=1e-5, atol=1e-5)

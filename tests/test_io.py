@@ -95,7 +95,7 @@ def test_mismatched_ranks(saved):
 def test_unknown_module(saved):
     _, path = saved
     edit_config(path, lambda c: c["quantization_config"]["ranks"].update({"model.layers.7.mlp.up_proj": 3}))
-    with pytest.raises(CheckpointError, match="lacks"):
+    with pytest.raises(CheckpointError, match="weights lack model.layers.7.mlp.up_proj.U"):
         svdkern.load(path)
 
 

@@ -244,30 +244,34 @@ def test_configs_come_from_the_table_by_token_bucket(tmp_path, monkeypatch):
         [1, 2, 4, 16, 32, 512, 1024, lc.MAX_BUCKET]
     small = dict(lc.DEFAULTS["prefill"], BLOCK_M=64)
     large = dict(lc.DEFAULTS["prefill"], BLOCK_M=256)
+    bf16 = torch.bfloat16
     path = str(tmp_path / "lowrank_Some_GPU.json")
-    lc.write_table(path, "Some GPU", {"prefill": {"4096,1229": {64: small, 2048: large}}}, {"commit": "x"})
+    lc.write_table(path, "Some GPU", {"prefill": {lc.shape_key(4096, 1229, bf16): {64: small, 2048: large}}},
+                   {"commit": "x"})
     table = lc.load_table(path)
-    assert lc.lookup(table, "prefill", 50, 4096, 1229) == small      # bucket 64
-    assert lc.lookup(table, "prefill", 3000, 4096, 1229) == large    # bucket 4096: nearest is 2048
-    assert lc.lookup(table, "prefill", 400, 4096, 1229) == large     # 512: 64 and 2048 are 3 and 2 steps
-    assert lc.lookup(table, "prefill", 100, 4096, 1229) == small     # 128: one step from 64
-    assert lc.lookup(table, "prefill", 50, 4096, 1230) is None       # another shape: autotune
-    assert lc.lookup(table, "expand", 1, 4096, 1229) is None
+    assert lc.lookup(table, "prefill", 50, 4096, 1229, bf16) == small      # bucket 64
+    assert lc.lookup(table, "prefill", 3000, 4096, 1229, bf16) == large    # bucket 4096: nearest is 2048
+    assert lc.lookup(table, "prefill", 400, 4096, 1229, bf16) == large     # 512: 64 and 2048 are 3 and 2 steps
+    assert lc.lookup(table, "prefill", 100, 4096, 1229, bf16) == small     # 128: one step from 64
+    assert lc.lookup(table, "prefill", 50, 4096, 1216, bf16) == small      # an aligned rank: nearest shape
+    assert lc.lookup(table, "prefill", 50, 4096, 1600, bf16) is None       # 30% away: autotune
+    assert lc.lookup(table, "prefill", 50, 4096, 1229, torch.float32) is None  # fp32 tiles differ
+    assert lc.lookup(table, "expand", 1, 4096, 1229, bf16) is None
     # the launcher's choice: the table, else autotuning, else (inside graph capture) the default
     cuda0 = torch.device("cuda", 0)
     monkeypatch.setattr(triton_lowrank, "_table_of", lambda index: table)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert triton_lowrank._config_for("prefill", 50, 4096, 1229, cuda0) == small
-    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0) is None
+    assert triton_lowrank._config_for("prefill", 50, 4096, 1229, cuda0, bf16) == small
+    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0, bf16) is None
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0) == lc.DEFAULTS["prefill"]
+    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0, bf16) == lc.DEFAULTS["prefill"]
 
 
 def test_a_bad_config_table_names_the_fix(tmp_path):
     from svdkern.backends import lowrank_configs as lc
 
     path = tmp_path / "lowrank_x.json"
-    path.write_text('{"configs": {"prefill": {"64,32": {"16": {"BLOCK_M": 16}}}}}')
+    path.write_text('{"configs": {"prefill": {"64,32,bfloat16": {"16": {"BLOCK_M": 16}}}}}')
     with pytest.raises(ValueError, match="tune_lowrank.py"):
         lc.load_table(str(path))
     path.write_text('{"configs": {"decode": {}}}')

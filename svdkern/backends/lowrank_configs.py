@@ -1,16 +1,18 @@
 """Tile configs of the low-rank kernels: token-count buckets and shipped per-GPU tables.
 
 Autotuning keyed on the raw token count would tune every prefill length anew (seconds each)
-and would fail inside CUDA-graph capture. Configs are keyed on (regime, token bucket, N, K)
-instead; `benchmarks/tune_lowrank.py` measures them for an architecture's shapes on a GPU and
-writes `configs/lowrank_<GPU name>.json`, which is read here (the way vLLM ships tuned MoE
-configs). A shape missing from the table is autotuned once per bucket (or, while a CUDA graph
-is being captured, launched with the regime's default: capture cannot benchmark).
+and would fail inside CUDA-graph capture. Configs are keyed on (regime, token bucket, N, K,
+dtype) instead; `benchmarks/tune_lowrank.py` measures them for an architecture's shapes on a GPU
+and writes `configs/lowrank_<GPU name>.json`, which is read here (the way vLLM ships tuned MoE
+configs; no table is shipped until a GPU run writes one). A shape missing from the table is
+autotuned once per bucket (or, while a CUDA graph is being captured, launched with the regime's
+default: capture cannot benchmark).
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -67,11 +69,30 @@ def _checked(cfg: dict, path: str) -> dict:
     return cfg
 
 
-def lookup(table: dict, regime: str, tokens: int, N: int, K: int) -> dict | None:
-    """The tuned config for this shape at the nearest bucket (log scale), or None."""
-    buckets = table.get(regime, {}).get(f"{N},{K}")
+def shape_key(N: int, K: int, dtype) -> str:
+    """Table key of one GEMM: tiles that fit shared memory in bf16 may not in fp32."""
+    return f"{N},{K},{str(dtype).replace('torch.', '')}"
+
+
+def lookup(table: dict, regime: str, tokens: int, N: int, K: int, dtype) -> dict | None:
+    """The tuned config for this GEMM at the nearest bucket (log scale), or None.
+
+    A shape the table lacks takes the nearest tuned one of the same dtype within 25% in N and
+    in K (ranks differ by policy and alignment; the best tiles barely move with them).
+    """
+    shapes = table.get(regime, {})
+    buckets = shapes.get(shape_key(N, K, dtype))
     if not buckets:
-        return None
+        name = str(dtype).replace("torch.", "")
+        near = []
+        for key, entry in shapes.items():
+            n2, k2, d2 = key.split(",")
+            dn, dk = abs(math.log(int(n2) / N)), abs(math.log(int(k2) / K))
+            if d2 == name and dn <= math.log(1.25) and dk <= math.log(1.25):
+                near.append((dn + dk, key))
+        if not near:
+            return None
+        buckets = shapes[min(near)[1]]
     want = token_bucket(tokens).bit_length()
     return buckets[min(buckets, key=lambda b: (abs(b.bit_length() - want), b))]
 

@@ -12,7 +12,7 @@ One NT-GEMM kernel, C = A·Bᵀ (+ bias), serves both steps of both regimes:
 
 Accumulation is fp32 everywhere; fp32 inputs use IEEE products (no TF32). Offsets are int64
 (T·n passes 2³¹ at about 195k tokens of width 11008). Tile configs come from the shipped per-GPU
-table for (regime, token bucket, N, K), else are autotuned once per bucket (lowrank_configs.py);
+table for (regime, token bucket, N, K, dtype), else are autotuned once per bucket (lowrank_configs.py);
 under TRITON_INTERPRET=1 (CPU tests) fixed small configs run instead. Launches happen on the
 inputs' device whatever the current one is. The launchers allocate only their output and
 workspace and never sync, so they can be captured in CUDA graphs.
@@ -130,7 +130,7 @@ def _launch(regime: str, a, b, c, bias, split_default: int, config: dict | None 
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=4, SPLIT_K=split_default))
         _matmul_nt_kernel[grid(meta)](*args, **flags, **meta)
         return
-    cfg = config if config is not None else _config_for(regime, M, N, K, a.device)
+    cfg = config if config is not None else _config_for(regime, M, N, K, a.device, b.dtype)
     if cfg is not None:
         meta, launch = lowrank_configs.split_meta(cfg)
         _matmul_nt_kernel[grid(meta)](*args, **flags, **meta, **launch)
@@ -155,10 +155,10 @@ def _table_of(device_index: int) -> dict:
     return lowrank_configs.load_table(lowrank_configs.table_path(torch.cuda.get_device_name(device_index)))
 
 
-def _config_for(regime: str, M: int, N: int, K: int, device) -> dict | None:
-    """The shipped table's config, else None (autotune) — or the default inside graph capture."""
+def _config_for(regime: str, M: int, N: int, K: int, device, dtype) -> dict | None:
+    """The tuned table's config, else None (autotune) — or the default inside graph capture."""
     table = _table_of(device.index if device.index is not None else torch.cuda.current_device())
-    cfg = lowrank_configs.lookup(table, regime, M, N, K)
+    cfg = lowrank_configs.lookup(table, regime, M, N, K, dtype)
     if cfg is None and torch.cuda.is_current_stream_capturing():
         tuner = _tuned_kernels.get(regime)
         key_known = tuner is not None and any(

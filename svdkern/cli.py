@@ -7,6 +7,7 @@ model to ./smollm2-best-0.2 (minutes on a laptop CPU).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -322,12 +323,15 @@ def cmd_bench(args) -> int:
     dense = {"none": None, "source": _source_of(args.model)}.get(args.dense, args.dense)
     if args.dense == "source" and dense is None:
         raise PreflightError(f"{args.model} names no source model to compare with: pass --dense MODEL or --dense none")
-    rows = []
-    for name in [dense, args.model] if dense else [args.model]:
+    names = [dense, args.model] if dense else [args.model]
+    for name in names:
         _check_run_args(argparse.Namespace(**{**vars(args), "model": name, "seqlen": args.prompt_tokens}))
+    rows = []
+    for name in reversed(names):  # the smaller model first: memory freed after one is reused by the next
         model, _ = load_model(name, DTYPES[args.dtype], device)
-        rows.append(measure(model, name, args.prompt_tokens, args.new_tokens, args.batch, args.repeats))
+        rows.insert(0, measure(model, name, args.prompt_tokens, args.new_tokens, args.batch, args.repeats))
         del model
+        gc.collect()
     print(json.dumps([r.as_dict() for r in rows], indent=1) if args.json else table(rows))
     return 0
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
                      install, propagate, run_layer)
+from .clock import StageClock, timed
 from .models import Architecture, architecture_of
 from .nn import LowRankLinear
 from .policy import allocate
@@ -50,11 +51,22 @@ class CompressionReport:
     aligned_ranks: dict = field(default_factory=dict)  # module name -> rank before rank_align lowered it
     truncation: dict = field(default_factory=dict)     # module name -> tail energy share of its target
     seconds: float = 0.0
-    peak_memory_bytes: int = 0
+    stage_seconds: dict = field(default_factory=dict)  # this process's time per stage (clock.py)
+    peak_memory_bytes: int = 0                         # the compute device's (host RSS on the CPU)
+    peak_host_bytes: int = 0
     block_params_before: int = 0
     block_params_after: int = 0
     model_params_before: int = 0
     model_params_after: int = 0
+
+    def stages_line(self) -> str:
+        """"; time: forward … s, statistics … s, …" in descending order, and the host's peak."""
+        if not self.stage_seconds:
+            return ""
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.stage_seconds.items(), key=lambda kv: -kv[1]))
+        host = (f"; peak host memory {self.peak_host_bytes / 2**30:.2f} GiB"
+                if self.peak_host_bytes and self.peak_host_bytes != self.peak_memory_bytes else "")
+        return f"\n  time by stage: {parts}{host}"
 
     @property
     def block_ratio(self) -> float:
@@ -69,7 +81,7 @@ class CompressionReport:
         return (f"removed {self.model_params_before - self.model_params_after:,} parameters: "
                 f"ratio {self.block_ratio:.4f} over the compressed decoder linears, "
                 f"{self.model_ratio:.4f} over the whole model; {self.seconds:.1f} s, "
-                f"peak memory {gib:.2f} GiB"
+                f"peak memory {gib:.2f} GiB" + self.stages_line()
                 + (f"; {len(self.aligned_ranks)} ranks rounded down to aligned sizes for the GPU "
                    "kernels" if self.aligned_ranks else ""))
 
@@ -301,7 +313,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     model.eval()
-    with torch.no_grad():
+    clock, clock_started = StageClock(device), time.perf_counter()
+    with torch.no_grad(), clock.activate():
         if cfg.whitening is None:
             _plain_svd(layers, arch, cfg, report, device, progress)
         else:
@@ -309,10 +322,12 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg, batch_size), started)
                     if checkpoint_dir else None)
             saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
-            inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
+            with timed("capture"):
+                inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
             if saved is None:
-                ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
-                                          batch_size, progress, log)
+                with timed("allocation"):
+                    ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
+                                              batch_size, progress, log)
                 if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
                     ckpt.save_allocation(ranks, details)
             else:
@@ -325,6 +340,10 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 ckpt.remove()
                 started -= ckpt.previous_seconds  # a resumed run reports the time of all its parts
     report.seconds = time.perf_counter() - started
+    this_run = time.perf_counter() - clock_started
+    report.stage_seconds = {**clock.seconds,
+                            "forward and the rest": max(this_run - sum(clock.seconds.values()), 0.0)}
+    report.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.peak_memory_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     report.block_params_after = block_linear_params(layers, arch)
@@ -352,9 +371,10 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
                 rank = aligned_rank(wanted, cfg.rank_align)
                 if rank != wanted:
                     report.aligned_ranks[f"{i}.{name}"] = wanted
-                svd = svd_of(target(linear.weight, None), cfg.svd_dtype)
-                report.truncation[f"{i}.{name}"] = truncation_error(svd, rank)
-                install(layer, name, *factors_from_svd(linear.weight, svd, None, rank), linear)
+                with timed("solves"):
+                    svd = svd_of(target(linear.weight, None), cfg.svd_dtype)
+                    report.truncation[f"{i}.{name}"] = truncation_error(svd, rank)
+                    install(layer, name, *factors_from_svd(linear.weight, svd, None, rank), linear)
                 report.ranks[f"{i}.{name}"] = rank
 
 
@@ -364,7 +384,8 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
         streams["fp"] = inputs.hidden
     start = 0
     if ckpt is not None:
-        start, saved = ckpt.load(layers, arch, report)
+        with timed("checkpoint I/O"):
+            start, saved = ckpt.load(layers, arch, report)
         if saved is not None:
             streams = saved
             log(f"resuming from {ckpt.dir} at layer {start}")
@@ -381,7 +402,8 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                 with group_grams(layer, arch, device, prefix) as stats:
                     streams["fp"] = propagate(layer, streams["fp"], kwargs, device, offload)
                 for group, st in zip(arch.groups, stats):
-                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)
+                    with timed("solves"):
+                        compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)
                 if cfg.refine_epochs:
                     _refine(layer, fp_in, streams["fp"], kwargs, cfg, report, i, device)
             else:
@@ -406,14 +428,16 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                     holdout = _holdout(cfg, len(kwargs)) if cfg.beta_grid else 0
                     H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_inputs, g,
                                                       x_hat, len(kwargs), device, prefix + group[0], holdout)
-                    compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
+                    with timed("solves"):
+                        compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
                 if cfg.refine_epochs:
                     _refine(layer, streams["compressed"], streams["fp"], kwargs, cfg, report, i, device)
                 streams["compressed"] = (stages.outputs() if stages is not None else
                                          propagate(layer, streams["compressed"], kwargs, device, offload))
             layers[i] = layer.to(offload) if offload != device else layer
             if ckpt is not None:
-                ckpt.save(i, layers[i], arch, streams, report)
+                with timed("checkpoint I/O"):
+                    ckpt.save(i, layers[i], arch, streams, report)
         except KeyboardInterrupt:
             if ckpt is not None:
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "
@@ -430,14 +454,15 @@ def _holdout(cfg, batches: int) -> int:
 
 
 def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
-    if not any(isinstance(m, LowRankLinear) for m in layer.modules()):
-        report.refine[index] = {"skipped": "the policy kept every matrix of this layer dense"}
-        return
-    holdout = min(cfg.holdout_batches, len(inputs) - 1)  # one batch: it fits and selects
-    result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
-                          lr=cfg.refine_lr, holdout=holdout, device=device)
-    report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
-                            "selection": result.selection}
+    with timed("refinement"):
+        if not any(isinstance(m, LowRankLinear) for m in layer.modules()):
+            report.refine[index] = {"skipped": "the policy kept every matrix of this layer dense"}
+            return
+        holdout = min(cfg.holdout_batches, len(inputs) - 1)  # one batch: it fits and selects
+        result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
+                              lr=cfg.refine_lr, holdout=holdout, device=device)
+        report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
+                                "selection": result.selection}
 
 
 class _Recompute:

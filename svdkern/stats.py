@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._ops import cross_accumulate, gram_accumulate
+from .clock import timed
 from .solvers.whiten import symmetrize
 
 
@@ -41,7 +42,7 @@ class GramStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        with _no_tf32():
+        with _no_tf32(), timed("statistics"):
             gram_accumulate(self.H, x)
         self.count += x.shape[0]
 
@@ -68,9 +69,9 @@ class CrossStats:
         self.name = name
 
     def add(self, x_fp: torch.Tensor, x_hat: torch.Tensor) -> None:
-        x_hat = x_hat.float()  # δ needs fp32 (x_fp ≈ x̂ early on); the kernel takes one dtype
-        delta = (x_fp.float() - x_hat).reshape(-1, x_hat.shape[-1])
-        with _no_tf32():
+        with _no_tf32(), timed("statistics"):
+            x_hat = x_hat.float()  # δ needs fp32 (x_fp ≈ x̂ early on); the kernel takes one dtype
+            delta = (x_fp.float() - x_hat).reshape(-1, x_hat.shape[-1])
             cross_accumulate(self.D, delta, x_hat.reshape(-1, x_hat.shape[-1]))
         self.count += delta.shape[0]
 

@@ -211,3 +211,21 @@ def test_padded_ranks_are_exact(tmp_path, windows):
         torch.testing.assert_close(loaded(windows[:2]).logits, before, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="positive"):
         pad_ranks(loaded, 0)
+
+
+@pytest.mark.parametrize("method,stages", [
+    ("svd", {"solves"}),
+    ("svd-llm", {"capture", "statistics", "solves"}),
+    ("ep-svd-llm", {"capture", "statistics", "solves"}),
+    ("best", {"capture", "allocation", "statistics", "solves", "refinement"}),
+])
+def test_report_says_where_the_time_went(method, stages, windows, tmp_path):
+    model = tiny_model("llama", seed=1)
+    svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ckpt"), **QUIET)
+    report = model._svdkern_report
+    spent = report.stage_seconds
+    expected = stages | {"forward and the rest"} | ({"checkpoint I/O", "allocation"} if method != "svd" else set())
+    assert set(spent) == expected and all(v >= 0 for v in spent.values())
+    assert all(spent[s] > 0 for s in stages)
+    assert sum(spent.values()) == pytest.approx(report.seconds, rel=0.05, abs=0.05)
+    assert report.peak_host_bytes > 0 and "time by stage: " in report.summary()

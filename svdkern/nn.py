@@ -70,4 +70,3 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
-

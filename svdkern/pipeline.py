@@ -60,7 +60,7 @@ class CompressionReport:
     model_params_after: int = 0
 
     def stages_line(self) -> str:
-        """"; time: forward … s, statistics … s, …" in descending order, and the host's peak."""
+        """A second line: the seconds per stage, largest first, and the host's peak (on a GPU)."""
         if not self.stage_seconds:
             return ""
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.stage_seconds.items(), key=lambda kv: -kv[1]))
@@ -81,9 +81,9 @@ class CompressionReport:
         return (f"removed {self.model_params_before - self.model_params_after:,} parameters: "
                 f"ratio {self.block_ratio:.4f} over the compressed decoder linears, "
                 f"{self.model_ratio:.4f} over the whole model; {self.seconds:.1f} s, "
-                f"peak memory {gib:.2f} GiB" + self.stages_line()
+                f"peak memory {gib:.2f} GiB"
                 + (f"; {len(self.aligned_ranks)} ranks rounded down to aligned sizes for the GPU "
-                   "kernels" if self.aligned_ranks else ""))
+                   "kernels" if self.aligned_ranks else "") + self.stages_line())
 
 
 # ----------------------------------------------------------------------------- per-group solve

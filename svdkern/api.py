@@ -10,6 +10,7 @@ from .data import calibration_windows
 from .hf_quantizer import mark_compressed
 from .io import METADATA
 from .io import load as load_compressed
+from .nn import LowRankLinear
 from .pipeline import compress_model
 from .presets import DEFAULT_METHOD, config_for
 
@@ -81,7 +82,8 @@ def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wik
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed, sampler)
     compress_model(model, windows, cfg, device=device, batch_size=batch_size,
                    checkpoint_dir=checkpoint_dir, progress=progress, log=log)
-    mark_compressed(model)  # model.save_pretrained now writes a directory that loads back
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        mark_compressed(model)  # model.save_pretrained now writes a directory that loads back
     model._svdkern_run = {  # what `save` records for `svdkern info`
         "method": method, "ratio": ratio,
         "calibration": (None if cfg.whitening is None else

@@ -120,6 +120,9 @@ def mark_compressed(model) -> SvdkernConfig:
     """Attach the config and quantizer that `save_pretrained` needs to write a loadable directory
     (called by `compress`, `save` and after padding ranks: the ranks are read afresh)."""
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not ranks:
+        raise CheckpointError("the model has no LowRankLinear layers: compress it first (or save a dense "
+                              "model with save_pretrained)")
     config = SvdkernConfig(ranks)
     model.config.quantization_config = config
     model.hf_quantizer = SvdkernQuantizer(config, pre_quantized=True)

@@ -129,3 +129,9 @@ def test_a_model_from_a_quantized_or_half_source_is_stored_in_bf16(tmp_path, win
     svdkern.save(model, tmp_path / "fp32", dtype=torch.float32)
     assert svdkern.load(tmp_path / "fp32").model.layers[0].mlp.up_proj.U.dtype == torch.float32
     assert next(model.parameters()).dtype == torch.float32  # saving does not change the model
+
+
+def test_saving_an_uncompressed_model_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="no LowRankLinear layers: compress it first"):
+        svdkern.save(tiny_model("llama"), tmp_path / "dense")
+    assert os.listdir(tmp_path) == []

@@ -70,9 +70,22 @@ def run_step(cmd: list[str], env: dict, limit: float) -> tuple[str, str]:
         output, _ = proc.communicate(timeout=limit)
         return ("ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"), output
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        _kill_group(proc)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a grandchild in a session of its own holds the pipe
+            output = ""
         return f"FAILED (timed out after {limit:.0f} s)", output
+    except BaseException:  # the suite itself is stopped: its step's processes go with it
+        _kill_group(proc)
+        raise
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def commit() -> str:

@@ -88,7 +88,8 @@ def main():
                   "hidden": hidden, "intermediate": inter, "ratios": ratios}
     path = (lowrank_configs.table_path(gpu) if not args.dry_run
             else os.path.join(args.out or ".", os.path.basename(lowrank_configs.table_path(gpu))))
-    table: dict = {}
+    table = {regime: {shape: dict(buckets) for shape, buckets in shapes_.items()}  # merge, never lose
+             for regime, shapes_ in lowrank_configs.load_table(path).items()}              # earlier entries
     for m, n, k in shapes(hidden, inter, ratios, 8 if args.dry_run else 64):
         for T in buckets:
             for regime, a, b, c in launches(m, n, k, T, device, dtype):

@@ -16,7 +16,7 @@ _active: "StageClock | None" = None
 
 class StageClock:
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device if device.type == "cuda" else None
         self.seconds: dict[str, float] = {}
         self._depth = 0
 
@@ -25,19 +25,19 @@ class StageClock:
         if self._depth:  # a stage inside another is counted once, by the outer one
             yield
             return
-        self._depth += 1
         self._sync()
         started = time.perf_counter()
+        self._depth += 1
         try:
             yield
         finally:
+            self._depth -= 1  # first: an interrupt inside the sync below must not leave it set
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-            self._depth -= 1
 
     def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
 
     @contextmanager
     def activate(self):

@@ -57,7 +57,7 @@ def marked_state_dict(model, config: SvdkernConfig, dtype=None) -> dict:
         if value.is_meta or value.data_ptr() == 0:  # no storage to share (meta, offloaded)
             ident = key
         else:
-            ident = (value.data_ptr(), value.dtype, tuple(value.shape))
+            ident = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if ident not in cast:
             cast[ident] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         state[key] = cast[ident]

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from .clock import StageClock, timed
 from .models import Architecture, architecture_of
 from .nn import LowRankLinear
 from .policy import allocate
+from .preflight import peak_rss, reset_peak_rss
 from .presets import CompressionConfig
 from .refine import refine_block
 from .solvers.aces import aces_beta, aces_coefficients
@@ -66,7 +66,7 @@ class CompressionReport:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.stage_seconds.items(), key=lambda kv: -kv[1]))
         host = (f"; peak host memory {self.peak_host_bytes / 2**30:.2f} GiB"
                 if self.peak_host_bytes and self.peak_host_bytes != self.peak_memory_bytes else "")
-        return f"\n  time by stage: {parts}{host}"
+        return f"\n  time by stage (this process; a resumed run's earlier parts are not in it): {parts}{host}"
 
     @property
     def block_ratio(self) -> float:
@@ -170,8 +170,8 @@ class Checkpoint:
                 if name + ".U" in tensors:  # matrices the policy kept dense are not saved
                     linear = layers[i].get_submodule(name)
                     install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
-        for key in REPORT_FIELDS:
-            getattr(report, key).update(progress["report"][key])
+        for key in REPORT_FIELDS:  # .get: a checkpoint from before a field existed still resumes
+            getattr(report, key).update(progress["report"].get(key, {}))
         report.refine = {int(k): v for k, v in report.refine.items()}
         self.previous_seconds = progress["seconds"]
         streams = torch.load(os.path.join(self.dir, progress["streams"]), weights_only=True)
@@ -314,6 +314,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     started = time.perf_counter()
     model.eval()
     clock, clock_started = StageClock(device), time.perf_counter()
+    reset_peak_rss()  # the host's peak from here on, not the model's loading
     with torch.no_grad(), clock.activate():
         if cfg.whitening is None:
             _plain_svd(layers, arch, cfg, report, device, progress)
@@ -321,7 +322,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _check_calibration_size(windows, layers[0], arch)
             ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg, batch_size), started)
                     if checkpoint_dir else None)
-            saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
+            with timed("checkpoint I/O"):
+                saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
             with timed("capture"):
                 inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
             if saved is None:
@@ -329,7 +331,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                     ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
                                               batch_size, progress, log)
                 if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
-                    ckpt.save_allocation(ranks, details)
+                    with timed("checkpoint I/O"):
+                        ckpt.save_allocation(ranks, details)
             else:
                 ranks, details = saved
             report.allocation = ranks
@@ -337,15 +340,16 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 report.plc = details
             _sequential(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
             if ckpt is not None:
-                ckpt.remove()
+                with timed("checkpoint I/O"):
+                    ckpt.remove()
                 started -= ckpt.previous_seconds  # a resumed run reports the time of all its parts
     report.seconds = time.perf_counter() - started
     this_run = time.perf_counter() - clock_started
     report.stage_seconds = {**clock.seconds,
                             "forward and the rest": max(this_run - sum(clock.seconds.values()), 0.0)}
-    report.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.peak_host_bytes = peak_rss()
     report.peak_memory_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                                else report.peak_host_bytes)
     report.block_params_after = block_linear_params(layers, arch)
     report.model_params_after = sum(p.numel() for p in model.parameters())
     model._svdkern_report = report

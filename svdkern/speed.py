@@ -6,12 +6,13 @@ included (benchmarks/bench_decode.py isolates the kernels under CUDA graphs).
 """
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .preflight import peak_rss, reset_peak_rss
 
 
 @dataclass
@@ -37,22 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_cpu_peak() -> None:
-    """Linux resets the process's peak RSS (VmHWM) on writing 5 to clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _cpu_peak() -> int:
-    from .preflight import proc_bytes
-
-    peak = proc_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _median_s(fn, device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -76,7 +61,7 @@ def measure(model, name: str, prompt_tokens: int = 128, new_tokens: int = 32, ba
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_cpu_peak()
+        reset_peak_rss()
 
     if new_tokens < 2:
         raise ValueError(f"decode speed needs at least 2 new tokens; got {new_tokens}")
@@ -93,11 +78,14 @@ def measure(model, name: str, prompt_tokens: int = 128, new_tokens: int = 32, ba
     prefill_s = _median_s(prefill, device, repeats)
     generate_s = _median_s(decode, device, repeats)
     # generate(N) = the prefill above + N − 1 decode steps
-    decode_s = max(generate_s - prefill_s, 1e-9) / (new_tokens - 1)
+    if generate_s <= prefill_s:
+        raise RuntimeError(f"generating {new_tokens} tokens took no longer than 1 ({generate_s:.3f} s vs "
+                           f"{prefill_s:.3f} s): too noisy to time decode; raise --new-tokens or --repeats")
+    decode_s = (generate_s - prefill_s) / (new_tokens - 1)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "CUDA memory allocated (peak)"
     else:
-        peak, kind = _cpu_peak(), "process RSS (peak)"
+        peak, kind = peak_rss(), "process RSS (peak)"
     return Speed(model=name, device=str(device), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                  batch=batch, prefill_tokens_per_s=batch * prompt_tokens / prefill_s,
                  decode_tokens_per_s=batch / decode_s, ms_per_token=decode_s * 1e3,

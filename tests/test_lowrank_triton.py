@@ -274,6 +274,10 @@ def test_a_bad_config_table_names_the_fix(tmp_path):
     path.write_text('{"configs": {"prefill": {"64,32,bfloat16": {"16": {"BLOCK_M": 16}}}}}')
     with pytest.raises(ValueError, match="tune_lowrank.py"):
         lc.load_table(str(path))
+    path.write_text('{"configs": {"prefill": {"64,32": {"16": {}}}}}')  # before dtype was in the key
+    lc.load_table.cache_clear()
+    with pytest.raises(ValueError, match="not 'N,K,dtype'.*tune_lowrank.py"):
+        lc.load_table(str(path))
     path.write_text('{"configs": {"decode": {}}}')
     lc.load_table.cache_clear()
     with pytest.raises(ValueError, match="unknown regime"):

@@ -228,4 +228,23 @@ def test_report_says_where_the_time_went(method, stages, windows, tmp_path):
     assert set(spent) == expected and all(v >= 0 for v in spent.values())
     assert all(spent[s] > 0 for s in stages)
     assert sum(spent.values()) == pytest.approx(report.seconds, rel=0.05, abs=0.05)
-    assert report.peak_host_bytes > 0 and "time by stage: " in report.summary()
+    assert report.peak_host_bytes > 0 and "time by stage (this process" in report.summary()
+
+
+def test_stage_clock_counts_nested_stages_once_and_survives_errors():
+    from svdkern.clock import StageClock, timed
+
+    clock = StageClock(torch.device("cpu"))
+    with clock.activate():
+        with timed("solves"):
+            with timed("statistics"):  # inside another stage: counted by the outer one only
+                pass
+        with pytest.raises(KeyError):
+            with timed("capture"):
+                raise KeyError("boom")
+        with timed("statistics"):  # the failed stage left the clock usable
+            pass
+    assert set(clock.seconds) == {"solves", "capture", "statistics"}
+    with timed("never"):  # no clock active: a no-op
+        pass
+    assert "never" not in clock.seconds

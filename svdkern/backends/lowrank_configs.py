@@ -57,6 +57,10 @@ def load_table(path: str) -> dict:
     for regime, shapes in raw.get("configs", {}).items():
         if regime not in REGIMES:
             raise ValueError(f"{path}: unknown regime {regime!r}; expected one of {REGIMES}")
+        for shape in shapes:
+            if len(shape.split(",")) != 3:
+                raise ValueError(f"{path}: shape key {shape!r} is not 'N,K,dtype' (an older table?); "
+                                 "regenerate it with benchmarks/tune_lowrank.py")
         table[regime] = {shape: {int(b): _checked(cfg, path) for b, cfg in buckets.items()}
                          for shape, buckets in shapes.items()}
     return table

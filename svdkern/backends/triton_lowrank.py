@@ -161,8 +161,8 @@ def _config_for(regime: str, M: int, N: int, K: int, device, dtype) -> dict | No
     cfg = lowrank_configs.lookup(table, regime, M, N, K, dtype)
     if cfg is None and torch.cuda.is_current_stream_capturing():
         tuner = _tuned_kernels.get(regime)
-        key_known = tuner is not None and any(
-            key[:3] == (lowrank_configs.token_bucket(M), N, K) for key in tuner.cache)
+        key_known = tuner is not None and any(  # Triton appends the arguments' dtypes to its keys
+            key[:3] == (lowrank_configs.token_bucket(M), N, K) and str(dtype) in key[3:] for key in tuner.cache)
         if not key_known:  # benchmarking cannot run while a graph is captured
             cfg = lowrank_configs.DEFAULTS[regime]
     return cfg

@@ -11,10 +11,10 @@ One NT-GEMM kernel, C = A·Bᵀ (+ bias), serves both steps of both regimes:
   input dtype (as two unfused matmuls keep it), bias fused into the second epilogue.
 
 Accumulation is fp32 everywhere; fp32 inputs use IEEE products (no TF32). Offsets are int64
-(T·n passes 2³¹ at about 195k tokens of width 11008). Tile configs come from the shipped per-GPU
-table for (regime, token bucket, N, K, dtype), else are autotuned once per bucket (lowrank_configs.py);
-under TRITON_INTERPRET=1 (CPU tests) fixed small configs run instead. Launches happen on the
-inputs' device whatever the current one is. The launchers allocate only their output and
+(T·n passes 2³¹ at about 195k tokens of width 11008). Tile configs come from the per-GPU table
+that tune_lowrank.py writes, by (regime, token bucket, N, K, dtype), else are autotuned once per
+bucket (lowrank_configs.py); under TRITON_INTERPRET=1 (CPU tests) fixed small configs run
+instead. Launches happen on the inputs' device whatever the current one is. The launchers allocate only their output and
 workspace and never sync, so they can be captured in CUDA graphs.
 """
 from __future__ import annotations

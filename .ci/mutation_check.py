@@ -42,7 +42,7 @@ MUTANTS = {
     "resume ignores the batch size": (
         "svdkern/pipeline.py", '"batch_size": batch_size,', '"batch_size": None,'),
     "resume forgets the report entries": (
-        "svdkern/pipeline.py", 'getattr(report, key).update(progress["report"][key])', "pass"),
+        "svdkern/pipeline.py", 'getattr(report, key).update(progress["report"].get(key, {}))', "pass"),
     "resume reads the newest stream file, not the one progress names": (
         "svdkern/pipeline.py", 'os.path.join(self.dir, progress["streams"])',
         'os.path.join(self.dir, sorted(f for f in os.listdir(self.dir) if f.startswith("streams_") '

@@ -7,6 +7,7 @@ model to ./smollm2-best-0.2 (minutes on a laptop CPU).
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 
 import torch
 
+from . import distributed
 from .preflight import PreflightError, check_positive
 from .presets import DEFAULT_METHOD, LAYER_POLICIES, PRESETS, config_for
 
@@ -181,6 +183,17 @@ def _check_fits(model, args, stream, eval_batch) -> None:
                                  _device(args)), _device(args))
 
 
+def _join_process_group(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the group (NCCL on GPUs, gloo on CPUs); this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or distributed.world() > 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)
+    return f"cuda:{local}" if cuda else device
+
+
 def _parse_align(text: str):
     """auto or a number; which numbers are allowed is CompressionConfig's check (one line)."""
     if text != "auto" and not text.isdigit():
@@ -193,7 +206,8 @@ def cmd_compress(args) -> int:
     from .evaluate import perplexity
     from .io import save
 
-    device = _device(args)
+    device = _join_process_group(_device(args))
+    lead = distributed.rank() == 0  # under torchrun: rank 0 evaluates, prints and saves
     out = args.out or f"./{os.path.basename(args.model.rstrip('/')).replace('.gguf', '')}-{args.method}-{args.ratio}"
     if os.path.exists(out) and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite or another --out", file=sys.stderr)
@@ -210,14 +224,16 @@ def cmd_compress(args) -> int:
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
     _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
-    ckpt = None if args.no_checkpoint else (args.checkpoint_dir or out.rstrip("/") + ".partial")
+    ckpt = None if args.no_checkpoint or distributed.world() > 1 else (args.checkpoint_dir or out.rstrip("/") + ".partial")
     windows = None
-    if not args.no_eval:
+    if not args.no_eval and lead:
         windows, described = _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
         dense = _dense_perplexity(model, windows, described, args, ckpt, device)
         print(f"dense model: {dense} on {described}")
     compress(model, args.method, args.ratio, args.calib, tokenizer, args.nsamples, args.seqlen,
-             args.seed, args.sampler, device, args.batch_size, ckpt, **knobs)
+             args.seed, args.sampler, device, args.batch_size, ckpt, progress=lead, **knobs)
+    if not lead:  # the other ranks hold the same factors; rank 0 writes them
+        return 0
     report = model._svdkern_report
     print(f"{args.method} at ratio {args.ratio}: {report.summary()}")
     if windows is not None:

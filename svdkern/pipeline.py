@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
                      install, propagate, run_layer)
+from . import distributed
 from .clock import StageClock, timed
 from .models import Architecture, architecture_of
 from .nn import LowRankLinear
@@ -320,6 +321,10 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _plain_svd(layers, arch, cfg, report, device, progress)
         else:
             _check_calibration_size(windows, layers[0], arch)
+            if distributed.world() > 1:  # this rank's share of the micro-batches (distributed.py)
+                distributed.check_supported(cfg, checkpoint_dir)
+                windows = distributed.local_windows(windows, batch_size)
+                progress = progress and distributed.rank() == 0
             ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg, batch_size), started)
                     if checkpoint_dir else None)
             with timed("checkpoint I/O"):
@@ -536,9 +541,8 @@ def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name
 def _can_stage(layer, arch, hidden, kwargs, device, cfg) -> bool:
     """Stage this run's layers when the layer has the Llama shape, reproduces its own forward,
     and the down_proj inputs of all micro-batches fit the cache budget."""
-    if not stageable(layer, arch.groups):
-        return False
     tokens = sum(h.shape[:-1].numel() for h in hidden)
-    if tokens * layer.get_submodule("mlp.down_proj").in_features * 4 > cfg.fp_cache_bytes:
-        return False
-    return staged_matches_layer(layer, hidden, kwargs, device)
+    ok = (stageable(layer, arch.groups)
+          and tokens * layer.get_submodule("mlp.down_proj").in_features * 4 <= cfg.fp_cache_bytes
+          and staged_matches_layer(layer, hidden, kwargs, device))
+    return distributed.all_agree(ok, device)  # every rank, every outcome: one collective

@@ -11,6 +11,7 @@ import torch
 
 from ._ops import cross_accumulate, gram_accumulate
 from .clock import timed
+from .distributed import summed, summed_count
 from .solvers.whiten import symmetrize
 
 
@@ -53,11 +54,12 @@ class GramStats:
         return both
 
     def mean(self) -> torch.Tensor:
-        """H̄ = H/N, full and symmetric, float64."""
-        if self.count == 0:
+        """H̄ = H/N, full and symmetric, float64 (summed over the ranks of a process group)."""
+        H, count = summed(self.H), summed_count(self.count, self.H.device)
+        if count == 0:
             raise RuntimeError(f"no calibration tokens reached {self.name}")
-        check_finite_accumulator(self.H, self.name)
-        return symmetrize(self.H.double()) / self.count
+        check_finite_accumulator(H, self.name)
+        return symmetrize(H.double()) / count
 
 
 class CrossStats:
@@ -81,8 +83,9 @@ class CrossStats:
         return both
 
     def mean(self) -> torch.Tensor:
-        check_finite_accumulator(self.D, self.name)  # δ = x_fp − x̂: catches the FP stream's too
-        return self.D.double() / self.count
+        D, count = summed(self.D), summed_count(self.count, self.D.device)
+        check_finite_accumulator(D, self.name)  # δ = x_fp − x̂: catches the FP stream's too
+        return D.double() / count
 
 
 class _no_tf32:

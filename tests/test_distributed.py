@@ -1,0 +1,116 @@
+"""Data-parallel calibration with gloo on the CPU: two processes give one process's factors."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import svdkern
+from svdkern.nn import LowRankLinear
+
+from conftest import tiny_model
+
+METHODS = ["svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd"]
+
+
+def calibration():
+    return torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(1))
+
+
+def dense_weights(model) -> dict:
+    return {n: m.dense_weight().detach().clone() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _worker(rank, world, port, method, family, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model(family, seed=5)
+        svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=2, progress=False,
+                         log=lambda *_: None)
+        torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method,family", [(m, "llama") for m in METHODS] + [("ep-svd-llm", "opt")])
+def test_two_gloo_processes_give_one_process_factors(method, family, tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), method, family, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected, reordered = (one_process(family, method, batch_size) for batch_size in (2, 4))
+    assert set(ranks[0]) == set(expected)
+    for name, W in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank solved the same thing
+        err = float((ranks[0][name] - W).norm() / W.norm())
+        # only the order of the sums differs: as much as another micro-batch size moves one process
+        # (EP/SAES's W·Δ·P⁻ᵀ amplifies rounding where a tiny model's Gram is ill-conditioned)
+        order = float((reordered[name] - W).norm() / W.norm())
+        assert err <= 2 * order + 1e-4, (name, err, order)
+
+
+def one_process(family, method, batch_size) -> dict:
+    model = tiny_model(family, seed=5)
+    svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=batch_size, progress=False,
+                     log=lambda *_: None)
+    return dense_weights(model)
+
+
+def _refusing_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        svdkern.compress(tiny_model("llama"), "erc-svd", 0.3, calib=calibration(), batch_size=2,
+                         progress=False, log=lambda *_: None)
+    except ValueError as exc:
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(str(exc))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_what_is_not_data_parallel_yet_is_refused_by_name(tmp_path):
+    mp.spawn(_refusing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert "layer_policy 'plc'" in text and "Run it in one process" in text
+
+
+def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
+    """`torchrun --nproc-per-node 2 -m svdkern compress …` (gloo on the CPU) saves one process's factors."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import require_bundled_model
+
+    folder, name = os.path.split(require_bundled_model())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    common = ["compress", "--model", str(tmp_path / "tiny"), "--method", "svd-llm", "--ratio", "0.3",
+              "--nsamples", "8", "--seqlen", "64", "--batch-size", "2", "--no-eval", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "svdkern", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("saved to") == 1  # rank 0 reports and saves
+    one = subprocess.run([sys.executable, "-m", "svdkern", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = dense_weights(svdkern.load(tmp_path / "two")), dense_weights(svdkern.load(tmp_path / "one"))
+    assert set(a) == set(b)
+    for name in a:
+        assert float((a[name] - b[name]).norm() / b[name].norm()) < 1e-4, name

@@ -114,3 +114,42 @@ def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
     assert set(a) == set(b)
     for name in a:
         assert float((a[name] - b[name]).norm() / b[name].norm()) < 1e-4, name
+
+
+def smollm2_windows(tokenizer):
+    from svdkern.data import load_text, token_windows, tokenize
+
+    return token_windows(tokenize(tokenizer, load_text("wikitext2", "calibration")), 16, 128, 0)
+
+
+def smollm2_factors(method, batch_size) -> dict:
+    model, tokenizer = svdkern.load_model("smollm2")
+    svdkern.compress(model, method, 0.2, calib=smollm2_windows(tokenizer), batch_size=batch_size,
+                     svd_dtype=torch.float32, progress=False, log=lambda *_: None)  # fp32 SVDs: CI time
+    return dense_weights(model)
+
+
+def _smollm2_worker(rank, world, port, method, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        factors = smollm2_factors(method, 4)
+        if rank == 0:
+            torch.save(factors, os.path.join(out, "rank0.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm"])
+def test_smollm2_on_two_gloo_processes(method, tmp_path):
+    from conftest import require_bundled_model
+
+    require_bundled_model()
+    mp.spawn(_smollm2_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2)
+    got = torch.load(tmp_path / "rank0.pt")
+    expected, reordered = smollm2_factors(method, 4), smollm2_factors(method, 8)
+    worst = max(float((got[n] - w).norm() / w.norm()) for n, w in expected.items())
+    order = max(float((reordered[n] - w).norm() / w.norm()) for n, w in expected.items())
+    assert worst <= 2 * order + 1e-4, (worst, order)

@@ -56,6 +56,25 @@ def require_bundled_model() -> str:
         pytest.skip(str(exc))
 
 
+def tiny_with_real_tokenizer(seed: int = 0):
+    """(tiny random Llama, the bundled SmolLM2 tokenizer): for paths that need real text."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(require_bundled_model())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tokenizer
+
+
+def save_tiny_with_real_tokenizer(path, seed: int = 0):
+    model, tokenizer = tiny_with_real_tokenizer(seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     import svdkern

@@ -1,27 +1,14 @@
 """The `svdkern` command line, end to end on a small model directory with a real tokenizer."""
 import pytest
-import torch
 
 from svdkern.cli import main
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import os
+    from conftest import save_tiny_with_real_tokenizer
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from conftest import require_bundled_model
-
-    folder, name = os.path.split(require_bundled_model())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_with_real_tokenizer(tmp_path_factory.mktemp("m") / "tiny")
 
 
 def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):

@@ -88,17 +88,9 @@ def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
     import subprocess
     import sys
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from conftest import save_tiny_with_real_tokenizer
 
-    from conftest import require_bundled_model
-
-    folder, name = os.path.split(require_bundled_model())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_with_real_tokenizer(tmp_path / "tiny")
     common = ["compress", "--model", str(tmp_path / "tiny"), "--method", "svd-llm", "--ratio", "0.3",
               "--nsamples", "8", "--seqlen", "64", "--batch-size", "2", "--no-eval", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,6 +1,5 @@
 """Zero-shot evaluation through lm-eval on a local task (offline): scores equal a direct computation."""
 import json
-import os
 
 import pytest
 import torch
@@ -52,16 +51,9 @@ def direct_loglikelihoods(model, tokenizer, question, choices):
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer():
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from conftest import tiny_with_real_tokenizer
 
-    from conftest import require_bundled_model
-
-    folder, name = os.path.split(require_bundled_model())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-    torch.manual_seed(3)
-    return AutoModelForCausalLM.from_config(cfg).eval(), tokenizer
+    return tiny_with_real_tokenizer(seed=3)
 
 
 def test_local_task_scores_match_a_direct_computation(tiny_with_tokenizer, tmp_path, monkeypatch):

@@ -224,7 +224,8 @@ def cmd_compress(args) -> int:
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
     _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
-    ckpt = None if args.no_checkpoint or distributed.world() > 1 else (args.checkpoint_dir or out.rstrip("/") + ".partial")
+    ckpt = (None if args.no_checkpoint or distributed.world() > 1  # no resume across ranks yet
+            else args.checkpoint_dir or out.rstrip("/") + ".partial")
     windows = None
     if not args.no_eval and lead:
         windows, described = _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)

@@ -16,15 +16,10 @@ import torch
 
 from .blocks import pad_ranks
 from .hf_quantizer import FORMAT_VERSION, QUANT_METHOD, CheckpointError, mark_compressed
-from .nn import LowRankLinear
 
 WEIGHTS = "model.safetensors"
 METADATA = "svdkern.json"
 __all__ = ["CheckpointError", "load", "save", "save_dtype"]
-
-
-def low_rank_modules(model) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
 def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=None) -> str:

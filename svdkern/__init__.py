@@ -1,6 +1,6 @@
 """svdkern: compress LLMs by replacing their linear layers with low-rank factors, and run them fast."""
 from ._ops import cholesky_whiten, cross_accumulate, gram_accumulate, lowrank_linear
-from .api import compress, load_model
+from .api import compress, compress_from_disk, load_model
 from .backends.cuda_ext import has_cuda_ext
 from .evaluate import perplexity
 from .io import load, save
@@ -8,7 +8,7 @@ from .nn import LowRankLinear
 from .presets import PRESETS, CompressionConfig, config_for
 
 __all__ = [
-    "CompressionConfig", "LowRankLinear", "PRESETS", "cholesky_whiten", "compress", "config_for",
+    "CompressionConfig", "LowRankLinear", "PRESETS", "cholesky_whiten", "compress", "compress_from_disk", "config_for",
     "cross_accumulate", "gram_accumulate", "has_cuda_ext", "load", "load_model", "lowrank_linear",
     "perplexity", "save",
 ]

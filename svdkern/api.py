@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -64,11 +65,12 @@ def load_model(spec: str, dtype=torch.float32, device=None):
 def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wikitext2", tokenizer=None,
              nsamples: int = 64, seqlen: int = 512, seed: int = 0, sampler: str = "token-windows",
              device=None, batch_size: int = 8, checkpoint_dir: str | None = None,
-             progress: bool = True, log=print, **knobs):
+             progress: bool = True, log=print, store=None, **knobs):
     """Compress `model` in place with a named method; returns the model.
 
     calib: 'wikitext2', a text file path, or a LongTensor of token windows (nsamples × seqlen).
     knobs: any CompressionConfig field (beta, aces_range, residual_beta, plc_step, ...).
+    store: where the layers wait their turn (layer_store.py; `compress_from_disk` passes one).
     The CompressionReport is on `model._svdkern_report`.
     """
     cfg = config_for(method, ratio, **knobs)
@@ -81,7 +83,7 @@ def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wik
             raise ValueError(f"method {method!r} calibrates on text: pass tokenizer= (or token windows as calib=)")
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed, sampler)
     compress_model(model, windows, cfg, device=device, batch_size=batch_size,
-                   checkpoint_dir=checkpoint_dir, progress=progress, log=log)
+                   checkpoint_dir=checkpoint_dir, progress=progress, log=log, store=store)
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         mark_compressed(model)  # model.save_pretrained now writes a directory that loads back
     model._svdkern_run = {  # what `save` records for `svdkern info`
@@ -90,4 +92,54 @@ def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wik
                         {"text": calib if isinstance(calib, str) else "token windows given",
                          "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                          "seed": seed, "sampler": sampler})}
+    return model
+
+
+def compress_from_disk(directory: str, out: str, method: str = DEFAULT_METHOD, ratio: float = 0.2,
+                       calib="wikitext2", tokenizer=None, *, dtype=torch.float32, save_dtype=None,
+                       device=None, checkpoint_dir: str | None = None, overwrite: bool = False, **kwargs):
+    """Compress a safetensors model directory larger than memory into `out`; returns the
+    (meta-device) model, whose report is on `model._svdkern_report`.
+
+    The model is built empty; each decoder layer is read from the shards for its turn, written to
+    its own output shard once compressed, and freed (layer_store.DiskLayerStore), so host memory
+    holds the embeddings, a layer or two and the calibration activations. With `checkpoint_dir`
+    an interrupted run resumes. kwargs: as `compress` (nsamples, seqlen, batch_size, knobs, ...).
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from .io import save_streamed
+    from .layer_store import DiskLayerStore
+    from .models import architecture_of
+    from .shards import empty_model
+
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    model, weights = empty_model(directory, dtype)
+    source_dtype = str(getattr(model.config, "dtype", None) or "").replace("torch.", "") or None
+    model._svdkern_source = {"model": os.path.abspath(directory), "dtype": source_dtype}
+    if tokenizer is None and os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(directory)  # saved beside the factors
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    work = (os.path.join(checkpoint_dir, "model") if checkpoint_dir else
+            tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent))
+    if save_dtype is None:
+        save_dtype = (getattr(torch, source_dtype) if source_dtype in ("bfloat16", "float16") and
+                      dtype == torch.float32 else dtype)
+    device = torch.device(device or "cpu")
+    store = DiskLayerStore(model, weights, architecture_of(model).layers_path, device, "cpu", work,
+                           dtype, save_dtype)
+    try:
+        compress(model, method, ratio, calib, tokenizer, device=device, checkpoint_dir=checkpoint_dir,
+                 store=store, **kwargs)
+        save_streamed(model, store, out, tokenizer, overwrite=overwrite)
+    except BaseException:
+        if not checkpoint_dir:  # nothing to resume from: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if checkpoint_dir and os.path.isdir(checkpoint_dir) and not os.listdir(checkpoint_dir):
+        os.rmdir(checkpoint_dir)
     return model

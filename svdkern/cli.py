@@ -16,7 +16,7 @@ import sys
 import torch
 
 from . import distributed
-from .preflight import PreflightError, check_positive
+from .preflight import PreflightError, check_model_fits, check_positive
 from .presets import DEFAULT_METHOD, LAYER_POLICIES, PRESETS, config_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 from a half-precision or quantized (GGUF) source")
     c.add_argument("--report", action="store_true",
                    help="also write report.png (per-layer truncation error and rank) into --out")
+    c.add_argument("--stream-from-disk", action="store_true",
+                   help="for a model larger than memory (a directory of safetensors shards): read one "
+                        "decoder layer at a time, write each compressed layer as its own shard; no "
+                        "perplexity comparison (run `svdkern eval` on the result)")
 
     e = sub.add_parser("eval", help="perplexity on consecutive non-overlapping windows, or zero-shot "
                                      "accuracy through lm-eval (--tasks)", **fmt)
@@ -220,7 +224,10 @@ def cmd_compress(args) -> int:
              "holdout_batches": args.holdout_batches, "rank_align": args.rank_align}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     cfg = config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
+    if args.stream_from_disk:
+        return _compress_streamed(args, cfg, knobs, out, device)
     _check_run_args(args, [args.calib] + ([] if args.no_eval else ["wikitext2"]))
+    check_model_fits(args.model, DTYPES[args.dtype].itemsize)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
     _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
@@ -245,6 +252,34 @@ def cmd_compress(args) -> int:
     save(model, out, tokenizer, overwrite=args.overwrite,
          dtype=None if args.save_dtype == "auto" else DTYPES[args.save_dtype])
     print(f"saved to {out}")
+    if args.report:
+        from .report import plot, read_metadata
+
+        print(f"report plot: {plot(read_metadata(out), os.path.join(out, 'report.png'))}")
+    return 0
+
+
+def _compress_streamed(args, cfg, knobs, out, device) -> int:
+    """`compress --stream-from-disk`: layers read from the shards one at a time (api.compress_from_disk)."""
+    from .api import compress_from_disk
+    from .shards import empty_model
+
+    if distributed.world() > 1:
+        raise PreflightError("--stream-from-disk runs in one process so far: drop torchrun, or the flag")
+    if not os.path.isdir(os.path.expanduser(args.model)):
+        raise PreflightError(f"--stream-from-disk reads a model directory of safetensors shards; {args.model} "
+                             "is not a directory (download it first, e.g. `hf download ID --local-dir DIR`)")
+    _check_run_args(args, [args.calib])
+    model, _ = empty_model(args.model, DTYPES[args.dtype])  # checks the shards' names; cheap
+    _check_fits(model, args, cfg.stream if cfg.whitening else None, None)
+    ckpt = None if args.no_checkpoint else args.checkpoint_dir or out.rstrip("/") + ".partial"
+    model = compress_from_disk(
+        args.model, out, args.method, args.ratio, args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, sampler=args.sampler, dtype=DTYPES[args.dtype],
+        save_dtype=None if args.save_dtype == "auto" else DTYPES[args.save_dtype], device=device,
+        batch_size=args.batch_size, checkpoint_dir=ckpt, overwrite=args.overwrite, **knobs)
+    print(f"{args.method} at ratio {args.ratio}: {model._svdkern_report.summary()}")
+    print(f"saved to {out} (no perplexity while streaming: `svdkern eval {out}` where it fits)")
     if args.report:
         from .report import plot, read_metadata
 

@@ -3,8 +3,8 @@
 Under an initialized process group (torchrun, or the API inside one), each rank runs the layers
 on its share of the calibration micro-batches (global batches r, r + W, r + 2W, …); the Gram and
 cross-term sums and their token counts are all-reduced before every solve (`stats.py`), so every
-rank computes the same factors, equal to one process's up to the order of the sums. NCCL on GPUs,
-gloo on CPUs. What needs per-batch bookkeeping across ranks (β chosen on held-out batches, block
+rank sees the same problem, one process's up to the order of the sums; each matrix is solved by
+one rank and its factors broadcast to the others (`share_solves`). NCCL on GPUs, gloo on CPUs. What needs per-batch bookkeeping across ranks (β chosen on held-out batches, block
 refinement, the searched or measured rank policies, checkpoints) is refused for now, by name.
 """
 from __future__ import annotations
@@ -61,6 +61,34 @@ def summed_count(count: int, device) -> int:
     if world() == 1:
         return count
     return int(summed(torch.tensor([count], dtype=torch.float64, device=device)).item())
+
+
+def share_solves(layer, prefix: str, owners: list, report) -> None:
+    """Give every rank the factors (and report entries) of the matrices in `owners`, a list of
+    (module name in `layer`, rank that solved it), broadcast from their solvers in that order."""
+    if world() == 1 or not owners:
+        return
+    from .blocks import install
+    from .nn import LowRankLinear
+
+    fields = ("ranks", "residual_ranks", "betas", "truncation", "aligned_ranks", "damping")
+    for name, owner in owners:
+        module = layer.get_submodule(name)
+        entries = [None]
+        if owner == rank():
+            entries = [{f: {k: v for k, v in getattr(report, f).items() if k == prefix + name or
+                            (f == "damping" and k.startswith(prefix))} for f in fields}]
+        torch.distributed.broadcast_object_list(entries, src=owner)
+        for f, values in entries[0].items():
+            getattr(report, f).update(values)
+        r = entries[0]["ranks"][prefix + name]
+        weight = module.U if isinstance(module, LowRankLinear) else module.weight
+        U = module.U.detach() if owner == rank() else weight.new_empty(module.out_features, r)
+        V = module.V.detach() if owner == rank() else weight.new_empty(r, module.in_features)
+        torch.distributed.broadcast(U, src=owner)
+        torch.distributed.broadcast(V, src=owner)
+        if owner != rank():
+            install(layer, name, U, V, module)
 
 
 def all_agree(flag: bool, device) -> bool:

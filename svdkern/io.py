@@ -15,11 +15,11 @@ import tempfile
 import torch
 
 from .blocks import pad_ranks
-from .hf_quantizer import FORMAT_VERSION, QUANT_METHOD, CheckpointError, mark_compressed
+from .hf_quantizer import FORMAT_VERSION, QUANT_METHOD, CheckpointError, mark_compressed, marked_state_dict
 
 WEIGHTS = "model.safetensors"
 METADATA = "svdkern.json"
-__all__ = ["CheckpointError", "load", "save", "save_dtype"]
+__all__ = ["CheckpointError", "load", "save", "save_dtype", "save_streamed"]
 
 
 def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=None) -> str:
@@ -35,7 +35,6 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=N
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model is not
     dtype = dtype or save_dtype(model)
     try:
         config = mark_compressed(model)
@@ -49,37 +48,78 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=N
         _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        report = getattr(model, "_svdkern_report", None)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_type": model.config.model_type,
-            "dtype": str(dtype).replace("torch.", ""),
-            "ranks": config.ranks,
-            "source": getattr(model, "_svdkern_source", None),
-            "run": getattr(model, "_svdkern_run", None),
-            "evaluation": getattr(model, "_svdkern_eval", None),
-            "compression": None if report is None else {
-                "config": report.config, "block_ratio": report.block_ratio,
-                "model_ratio": report.model_ratio, "seconds": report.seconds, "plc": report.plc,
-                "residual_ranks": report.residual_ranks, "betas": report.betas,
-                "damping": report.damping, "aligned_ranks": report.aligned_ranks,
-                "truncation": report.truncation, "layer_ranks": report.ranks},
-        }
-        with open(os.path.join(tmp, METADATA), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-        for name in os.listdir(tmp):  # some writers (safetensors) make their files private
-            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
-        if os.path.exists(directory):
-            old = directory + ".old"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
+        _write_metadata(model, tmp, dtype, config)
+        _move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def save_streamed(model, store, directory: str, tokenizer=None, overwrite: bool = False) -> str:
+    """Finish a model compressed through a DiskLayerStore (layer_store.py): its layers are already
+    shards in `store.out_dir`; add the rest of the model, the index, config and metadata there,
+    then rename it to `directory` (the same layout `svdkern.load` and from_pretrained read)."""
+    from safetensors.torch import save_file
+
+    from .layer_store import write_index
+
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    work, dtype = store.out_dir, store.save_dtype
+    config = mark_compressed(model)
+    inside, seen, rest = store.layers_path + ".", set(), {}
+    for key, value in marked_state_dict(model, config, dtype).items():
+        if not key.startswith(inside) and id(value) not in seen:  # tied tensors are stored once
+            seen.add(id(value))
+            rest[key] = value.contiguous().cpu()
+    save_file(rest, os.path.join(work, "rest.safetensors"), metadata={"format": "pt"})
+    write_index(work, {**store.shards(), **{key: "rest.safetensors" for key in rest}})
+    model.config.save_pretrained(work)
+    _set_config_dtype(os.path.join(work, "config.json"), dtype)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(work)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+    _write_metadata(model, work, dtype, config)
+    _move_into_place(work, directory)
+    return directory
+
+
+def _write_metadata(model, directory: str, dtype, config) -> None:
+    report = getattr(model, "_svdkern_report", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ranks": config.ranks,
+        "source": getattr(model, "_svdkern_source", None),
+        "run": getattr(model, "_svdkern_run", None),
+        "evaluation": getattr(model, "_svdkern_eval", None),
+        "compression": None if report is None else {
+            "config": report.config, "block_ratio": report.block_ratio,
+            "model_ratio": report.model_ratio, "seconds": report.seconds, "plc": report.plc,
+            "residual_ranks": report.residual_ranks, "betas": report.betas,
+            "damping": report.damping, "aligned_ranks": report.aligned_ranks,
+            "truncation": report.truncation, "layer_ranks": report.ranks},
+    }
+    with open(os.path.join(directory, METADATA), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+
+
+def _move_into_place(tmp: str, directory: str) -> None:
+    """Rename the finished `tmp` to `directory` (replacing an old one only once `tmp` is whole)."""
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model is not
+    for name in os.listdir(tmp):  # some writers (safetensors) make their files private
+        os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
+    if os.path.exists(directory):
+        old = directory + ".old"
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
 
 
 def save_dtype(model) -> torch.dtype:

@@ -23,6 +23,7 @@ from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
                      install, propagate, run_layer)
 from . import distributed
 from .clock import StageClock, timed
+from .layer_store import LayerStore
 from .models import Architecture, architecture_of
 from .nn import LowRankLinear
 from .policy import allocate
@@ -91,20 +92,26 @@ class CompressionReport:
 
 def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionConfig, ranks: dict,
                    report: CompressionReport, prefix: str, delta: torch.Tensor | None = None,
-                   held_out=None):
+                   held_out=None, first: int = 0, share: bool = True) -> list:
     """Replace the linears `names` of `layer` (sharing Gram H, and Δ for two streams).
 
     ranks: {"layer.name": rank}; a rank of None keeps that matrix dense.
     held_out: (H_fit, Δ_fit, H_val, Δ_val) when β is chosen per matrix from `cfg.beta_grid`.
+    Under torch.distributed the group's matrices are spread over the ranks (the layer's matrix
+    number `first + j` goes to rank (first + j) mod world) and their factors broadcast, at once
+    or, with share=False, by the caller (distributed.share_solves) with the (name, owner) pairs returned.
     """
+    owners = {n: (first + j) % distributed.world() for j, n in enumerate(names)}
     names = [n for n in names if ranks[prefix + n] is not None]
     if not names:
-        return
-    wh = whiten(H, cfg.whitening, cfg.damp_rel, cfg.max_damp_rel) if cfg.whitening else None
+        return []
+    owners = [(n, owners[n]) for n in names]
+    mine = [n for n, owner in owners if owner == distributed.rank()]
+    wh = whiten(H, cfg.whitening, cfg.damp_rel, cfg.max_damp_rel) if cfg.whitening and mine else None
     if wh is not None:
         report.damping[f"{prefix}{names[0]}"] = wh.damp
     wh_fit = None
-    for name in names:
+    for name in mine:
         linear = layer.get_submodule(name)
         W = linear.weight.detach()
         m, n = W.shape
@@ -131,6 +138,10 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
         install(layer, name, U, V, linear)
         report.ranks[prefix + name] = rank
         report.residual_ranks[prefix + name] = rr
+    if share:
+        distributed.share_solves(layer, prefix, owners, report)
+        return []
+    return owners
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -156,7 +167,7 @@ class Checkpoint:
     def seconds(self) -> float:
         return self.previous_seconds + time.perf_counter() - self.started
 
-    def load(self, layers, arch: Architecture, report: CompressionReport):
+    def load(self, store: LayerStore, arch: Architecture, report: CompressionReport):
         """(next layer, streams) from a previous run, or (0, None); restores the report entries."""
         if not os.path.exists(self.progress_file):
             return 0, None
@@ -166,11 +177,8 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         for i in range(progress["next_layer"]):
-            tensors = load_file(os.path.join(self.dir, f"layer_{i:04d}.safetensors"))
-            for name in (n for g in arch.groups for n in g):
-                if name + ".U" in tensors:  # matrices the policy kept dense are not saved
-                    linear = layers[i].get_submodule(name)
-                    install(layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
+            path = os.path.join(self.dir, f"layer_{i:04d}.safetensors")
+            store.restore(i, arch, lambda path=path: load_file(path))
         for key in REPORT_FIELDS:  # .get: a checkpoint from before a field existed still resumes
             getattr(report, key).update(progress["report"].get(key, {}))
         report.refine = {int(k): v for k, v in report.refine.items()}
@@ -214,17 +222,20 @@ class Checkpoint:
         if not os.listdir(self.dir):
             os.rmdir(self.dir)
 
-    def save(self, index: int, layer, arch: Architecture, streams: dict, report: CompressionReport) -> None:
+    def save(self, index: int, layer, arch: Architecture, streams: dict, report: CompressionReport,
+             factors: bool = True) -> None:
+        """factors=False: the layer store has written the layer's factors itself."""
         from safetensors.torch import save_file
 
         tensors = {}
         for name in (n for g in arch.groups for n in g):
             module = layer.get_submodule(name)
-            if not isinstance(module, LowRankLinear):
+            if not isinstance(module, LowRankLinear) or not factors:
                 continue
             tensors[name + ".U"] = module.U.detach().contiguous().cpu()
             tensors[name + ".V"] = module.V.detach().contiguous().cpu()
-        _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
+        if factors:
+            _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
         stream_file = f"streams_{index:04d}.pt"
         _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),
                 os.path.join(self.dir, stream_file))
@@ -248,20 +259,16 @@ def _atomic(write, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(model, windows: torch.Tensor, cfg: CompressionConfig, batch_size: int) -> dict:
+def _fingerprint(model, store: LayerStore, windows: torch.Tensor, cfg: CompressionConfig,
+                 batch_size: int) -> dict:
     """What a resumed run must share with the interrupted one to give the same factors."""
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:16]
 
-    weights = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]  # exact values at fixed positions
-        weights.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        weights.update(sample.float().cpu().numpy().tobytes())
     return {"config": cfg.to_dict(), "batch_size": batch_size,
             "calibration": digest(windows.cpu().numpy().tobytes()) + f" {tuple(windows.shape)}",
-            "weights": weights.hexdigest()[:16],
+            "weights": store.weights_digest(model),
+            "layers": "streamed from disk" if store.writes_factors else "in memory",
             "model_config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())}
 
 
@@ -283,6 +290,8 @@ def _differences(saved: dict, now: dict) -> list[str]:
             out.append(f"calibration windows (data, nsamples, seqlen or seed; shape {before} -> {value})")
         elif key == "weights":
             out.append("the model's weights")
+        elif key == "layers":
+            out.append(f"layers {before} -> {value} (resume the way the run started)")
         else:
             out.append("the model's configuration")
     return out
@@ -301,12 +310,16 @@ def block_linear_params(layers, arch: Architecture) -> int:
 
 def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, device=None,
                    offload=None, batch_size: int = 8, checkpoint_dir: str | None = None,
-                   progress: bool = True, log=print) -> CompressionReport:
-    """Compress `model` in place on calibration `windows` (nsamples × seqlen token ids)."""
+                   progress: bool = True, log=print, store: LayerStore | None = None) -> CompressionReport:
+    """Compress `model` in place on calibration `windows` (nsamples × seqlen token ids).
+
+    store: where the layers wait for their turn (layer_store.py); default the model itself.
+    """
     arch = architecture_of(model)
     layers = model.get_submodule(arch.layers_path)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload) if offload is not None else torch.device("cpu")
+    store = store if store is not None else LayerStore(layers, device, offload)
     report = CompressionReport(config=cfg.to_dict())
     report.block_params_before = block_linear_params(layers, arch)
     report.model_params_before = sum(p.numel() for p in model.parameters())
@@ -318,14 +331,14 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     reset_peak_rss()  # the host's peak from here on, not the model's loading
     with torch.no_grad(), clock.activate():
         if cfg.whitening is None:
-            _plain_svd(layers, arch, cfg, report, device, progress)
+            _plain_svd(store, arch, cfg, report, progress)
         else:
             _check_calibration_size(windows, layers[0], arch)
             if distributed.world() > 1:  # this rank's share of the micro-batches (distributed.py)
                 distributed.check_supported(cfg, checkpoint_dir)
                 windows = distributed.local_windows(windows, batch_size)
                 progress = progress and distributed.rank() == 0
-            ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, windows, cfg, batch_size), started)
+            ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, store, windows, cfg, batch_size), started)
                     if checkpoint_dir else None)
             with timed("checkpoint I/O"):
                 saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
@@ -333,7 +346,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
             if saved is None:
                 with timed("allocation"):
-                    ranks, details = allocate(model, layers, arch, windows, inputs, cfg, device, offload,
+                    ranks, details = allocate(model, store, arch, windows, inputs, cfg, device, offload,
                                               batch_size, progress, log)
                 if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
                     with timed("checkpoint I/O"):
@@ -343,7 +356,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             report.allocation = ranks
             if cfg.layer_policy == "plc":
                 report.plc = details
-            _sequential(layers, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
+            _sequential(store, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
             if ckpt is not None:
                 with timed("checkpoint I/O"):
                     ckpt.remove()
@@ -369,9 +382,9 @@ def _check_calibration_size(windows, layer0, arch):
             f"({widest}): its Gram matrix would be singular. Raise nsamples or seqlen.")
 
 
-def _plain_svd(layers, arch, cfg, report, device, progress):
-    for i, layer in enumerate(tqdm(layers, desc="svd", unit="layer", disable=not progress)):
-        layer.to(device)
+def _plain_svd(store: LayerStore, arch, cfg, report, progress):
+    for i in tqdm(range(len(store)), desc="svd", unit="layer", disable=not progress):
+        layer = store.fetch(i)
         for group in arch.groups:
             for name in group:
                 linear = layer.get_submodule(name)
@@ -385,24 +398,26 @@ def _plain_svd(layers, arch, cfg, report, device, progress):
                     report.truncation[f"{i}.{name}"] = truncation_error(svd, rank)
                     install(layer, name, *factors_from_svd(linear.weight, svd, None, rank), linear)
                 report.ranks[f"{i}.{name}"] = rank
+        store.commit(i, layer)
 
 
-def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress, ckpt, log):
+def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress,
+                ckpt, log):
     streams = {"fp": inputs.hidden} if cfg.stream == "fp" else {"compressed": list(inputs.hidden)}
     if cfg.stream == "both":
         streams["fp"] = inputs.hidden
     start = 0
     if ckpt is not None:
         with timed("checkpoint I/O"):
-            start, saved = ckpt.load(layers, arch, report)
+            start, saved = ckpt.load(store, arch, report)
         if saved is not None:
             streams = saved
             log(f"resuming from {ckpt.dir} at layer {start}")
-    bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.stream}", unit="layer",
-               initial=start, total=len(layers), disable=not progress)
+    bar = tqdm(range(start, len(store)), desc=f"compress {cfg.stream}", unit="layer",
+               initial=start, total=len(store), disable=not progress)
     staging = None  # decided on the first layer: does the staged executor reproduce it?
     for i in bar:
-        layer = layers[i].to(device)
+        layer = store.fetch(i)
         kwargs = inputs.kwargs[i]
         prefix = f"{i}."
         try:
@@ -410,9 +425,14 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                 fp_in = streams["fp"]
                 with group_grams(layer, arch, device, prefix) as stats:
                     streams["fp"] = propagate(layer, streams["fp"], kwargs, device, offload)
+                solved_elsewhere, first = [], 0  # independent groups: share their factors once
                 for group, st in zip(arch.groups, stats):
                     with timed("solves"):
-                        compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)
+                        solved_elsewhere += compress_group(layer, group, st.mean(), cfg, ranks, report, prefix,
+                                                           first=first, share=False)
+                    first += len(group)
+                with timed("solves"):
+                    distributed.share_solves(layer, prefix, solved_elsewhere, report)
                 if cfg.refine_epochs:
                     _refine(layer, fp_in, streams["fp"], kwargs, cfg, report, i, device)
             else:
@@ -438,15 +458,16 @@ def _sequential(layers, arch, cfg, report, inputs: LayerInputs, ranks, device, o
                     H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_inputs, g,
                                                       x_hat, len(kwargs), device, prefix + group[0], holdout)
                     with timed("solves"):
-                        compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out)
+                        compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out,
+                                       first=sum(len(x) for x in arch.groups[:g]))
                 if cfg.refine_epochs:
                     _refine(layer, streams["compressed"], streams["fp"], kwargs, cfg, report, i, device)
                 streams["compressed"] = (stages.outputs() if stages is not None else
                                          propagate(layer, streams["compressed"], kwargs, device, offload))
-            layers[i] = layer.to(offload) if offload != device else layer
+            store.commit(i, layer)
             if ckpt is not None:
                 with timed("checkpoint I/O"):
-                    ckpt.save(i, layers[i], arch, streams, report)
+                    ckpt.save(i, layer, arch, streams, report, factors=not store.writes_factors)
         except KeyboardInterrupt:
             if ckpt is not None:
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "

@@ -35,19 +35,21 @@ def matrix_shapes(layers, arch) -> list[MatrixShape]:
     return shapes
 
 
-def allocate(model, layers, arch, windows, inputs, cfg, device, offload, batch_size, progress,
+def allocate(model, store, arch, windows, inputs, cfg, device, offload, batch_size, progress,
              log) -> tuple[dict, dict]:
-    """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`."""
+    """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`; `store` holds the
+    layers (layer_store.py)."""
+    layers = store.layers
     shapes = matrix_shapes(layers, arch)
     if cfg.layer_policy == "uniform":
         return uniform_ranks(shapes, cfg.ratio), {}
     if cfg.layer_policy == "plc":
-        return plc_search(layers, arch, cfg, inputs, device, offload, progress, log)
+        return plc_search(store, arch, cfg, inputs, device, offload, progress, log)
     fisher = None
     if cfg.layer_policy == "sensitivity":
         sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
-        fisher = output_fisher(model, layers, arch, sample, batch_size, device, progress)
-    spectra = whitened_spectra(layers, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
+        fisher = output_fisher(model, store, arch, sample, batch_size, device, offload, progress)
+    spectra = whitened_spectra(store, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
                                fisher, progress)
     if cfg.layer_policy == "v2":
         uniform = uniform_ranks(shapes, cfg.ratio)
@@ -63,7 +65,7 @@ def allocate(model, layers, arch, windows, inputs, cfg, device, offload, batch_s
     return ranks, {}
 
 
-def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:
+def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:
     """ERC's PLC: choose k by the final-layer error on the FP model (first N−k layers dense).
 
     One pass over the layers carries the FP stream and one stream per candidate k (started at
@@ -71,6 +73,7 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
     used by every candidate, and freed before the next layer, so memory stays at one layer's
     statistics plus the activations, like the other methods.
     """
+    layers = store.layers
     N = len(layers)
     candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
     first_needed = N - max(candidates)
@@ -78,7 +81,7 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
     search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
     fp, trials = inputs.hidden, {}
     for i in tqdm(range(N), desc="plc search", unit="layer", disable=not progress):
-        layer = layers[i].to(device)
+        layer = store.fetch(i)
         kwargs = inputs.kwargs[i]
         trials.update({k: fp[:search_batches] for k in candidates if N - k == i})
         if i < first_needed:
@@ -97,7 +100,7 @@ def plc_search(layers, arch, cfg, inputs, device, offload, progress, log) -> tup
                 trials[k] = propagate(trial, hidden, kwargs[:search_batches], device, offload)
                 del trial
             del solved
-        layers[i] = layer.to(offload) if offload != device else layer
+        store.put_back(i, layer)
     fp_out = fp[:search_batches]
     den = sum(float((f.double() ** 2).sum()) for f in fp_out)
     errors = {}

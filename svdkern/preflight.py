@@ -6,6 +6,7 @@ minutes (an hour on a large vocabulary), and a run that outgrows memory is kille
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -87,6 +88,30 @@ def check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise PreflightError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+
+def check_model_fits(spec: str, itemsize: int) -> None:
+    """Refuse to load a safetensors directory that will not fit in host memory at `itemsize`
+    bytes a weight, pointing at `--stream-from-disk` (checked from the files, before loading)."""
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        return
+    shards = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
+    if not shards:
+        return
+    from safetensors import safe_open
+
+    need = 0
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                need += math.prod(part.get_shape()) * itemsize
+    free = available_host_bytes()
+    if free is not None and need > free:
+        raise PreflightError(f"{spec} needs about {need / GIB:.1f} GiB of host memory at this --dtype and "
+                             f"{free / GIB:.1f} GiB is available: pass --stream-from-disk to read one layer "
+                             "at a time (or --dtype bfloat16)")
 
 
 def check_context(config, seqlen: int) -> None:

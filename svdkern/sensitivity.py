@@ -2,9 +2,8 @@
 
 - `output_fisher`: for every compressible linear, Σ over calibration tokens of (∂loss/∂y_i)² per
   output channel i: how much the model's calibration loss reacts to an error in that output
-  (the diagonal empirical Fisher). One forward and backward of the whole model per micro-batch;
-  only activations get gradients, never weights. Unlike the layer-by-layer passes, it holds
-  the whole model and one micro-batch's activation graph on the device (issue 12 streams it).
+  (the diagonal empirical Fisher), carried back through the layers one at a time; only
+  activations get gradients, never weights.
 - `whitened_spectra`: one FP pass, layer by layer, that whitens every group and takes each
   matrix's SVD, keeping only per-component numbers (never the factors), so memory stays that of
   one layer. With Fisher weights, component j of W·P (σ_j, u_j) costs about
@@ -12,57 +11,106 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .blocks import group_grams, run_layer
+from .blocks import capture_layer_inputs, group_grams, propagate, run_layer
 from .models import Architecture
 from .solvers.factorize import svd_of, target
 from .solvers.whiten import whiten
 
 
-def output_fisher(model, layers, arch: Architecture, windows: torch.Tensor, batch_size: int,
-                  device, progress: bool = True) -> dict[str, torch.Tensor]:
-    """{"layer.name": (out_features,) float64 Σ_t (∂L/∂y_t)²}, L = mean next-token loss."""
-    import torch.nn.functional as F
+def output_fisher(model, store, arch: Architecture, windows: torch.Tensor, batch_size: int,
+                  device, offload, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{"layer.name": (out_features,) float64 Σ_t (∂L/∂y_t)²}, L = mean next-token loss.
 
-    fisher, handles = {}, []
-
-    def watch(key):
-        def forward_hook(_module, _args, out):
-            if out.requires_grad:
-                out.register_hook(lambda g: fisher.__setitem__(
-                    key, fisher.get(key, 0) + g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)))
-        return forward_hook
-
-    for i, layer in enumerate(layers):
-        for name in (n for g in arch.groups for n in g):
-            handles.append(layer.get_submodule(name).register_forward_hook(watch(f"{i}.{name}")))
-    embed = model.get_input_embeddings()
-    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True)))
+    Layer by layer, like the other passes (`store` holds the layers, layer_store.py): a forward
+    pass keeps every layer's input; the head's gradient is then carried back one layer at a
+    time, each layer recomputing its forward from its kept input. Memory: one layer and its
+    graph on the device, and the inputs of all layers for `windows` (on `offload`).
+    """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
-        p.requires_grad_(False)
-    model.to(device)
-    batches = range(0, len(windows), batch_size)
+        p.requires_grad_(False)  # only activations get gradients (a fetched layer inherits this)
     try:
-        with torch.enable_grad():
-            bar = tqdm(total=len(windows), desc="sensitivity", unit="window", disable=not progress)
-            for start in batches:
-                ids = windows[start:start + batch_size].to(device)
-                bar.update(len(ids))
-                logits = model(input_ids=ids, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-                (loss * len(ids) / len(windows)).backward()
-            bar.close()
+        return _fisher(model, store, arch, windows, batch_size, device, offload, progress)
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _fisher(model, store, arch, windows, batch_size, device, offload, progress):
+    import torch.nn.functional as F
+
+    inputs = capture_layer_inputs(model, store.layers, windows, batch_size, device, offload)
+    kept = [inputs.hidden]
+    for i in tqdm(range(len(store)), desc="sensitivity forward", unit="layer", disable=not progress):
+        layer = store.fetch(i)
+        kept.append(propagate(layer, kept[-1], inputs.kwargs[i], device, offload))
+        store.put_back(i, layer)
+    grads = []
+    with torch.enable_grad(), _head_only(store.layers) as head:
+        for b, start in enumerate(range(0, len(windows), batch_size)):
+            ids = windows[start:start + batch_size].to(device)
+            head.value = kept[-1][b].to(device).requires_grad_(True)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            (loss * len(ids) / len(windows)).backward()
+            grads.append(head.value.grad.to(offload))
+    fisher = {}
+    for i in tqdm(reversed(range(len(store))), total=len(store), desc="sensitivity backward",
+                  unit="layer", disable=not progress):
+        layer = store.fetch(i)
+        handles = [layer.get_submodule(name).register_forward_hook(_square_grads(fisher, f"{i}.{name}"))
+                   for name in (n for g in arch.groups for n in g)]
+        try:
+            with torch.enable_grad():
+                for b, grad in enumerate(grads):
+                    x = kept[i][b].to(device).requires_grad_(True)
+                    run_layer(layer, x, inputs.kwargs[i][b]).backward(grad.to(device))
+                    grads[b] = x.grad.to(offload)
+        finally:
+            for h in handles:
+                h.remove()
+        kept.pop()
+        store.put_back(i, layer)
     return fisher
+
+
+def _square_grads(fisher: dict, key: str):
+    """A forward hook whose output's gradient adds Σ_t g_t² per output channel to fisher[key]."""
+    def forward_hook(_module, _args, out):
+        out.register_hook(lambda g: fisher.__setitem__(
+            key, fisher.get(key, 0) + g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)))
+    return forward_hook
+
+
+class _Head(nn.Module):
+    """Stands in for a decoder layer so that a model call runs only the model's head: the last
+    one returns `value` (the final hidden state) whatever it is given; the others pass it on."""
+
+    def __init__(self, last: bool):
+        super().__init__()
+        self.last, self.value = last, None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.value if self.last else hidden_states
+
+
+@contextmanager
+def _head_only(layers: nn.ModuleList):
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Head(i == len(layers) - 1)
+    try:
+        yield layers[-1]
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
 
 
 @dataclass
@@ -73,12 +121,12 @@ class Spectrum:
 
 
 @torch.no_grad()
-def whitened_spectra(layers, arch: Architecture, hidden: list, kwargs: list, cfg, device, offload,
+def whitened_spectra(store, arch: Architecture, hidden: list, kwargs: list, cfg, device, offload,
                      fisher: dict | None, progress: bool = True) -> dict[str, Spectrum]:
     """Per-component numbers of every matrix's whitened SVD on the FP stream (see module doc)."""
     spectra = {}
-    for i in tqdm(range(len(layers)), desc="spectra", disable=not progress):
-        layer = layers[i].to(device)
+    for i in tqdm(range(len(store)), desc="spectra", disable=not progress):
+        layer = store.fetch(i)
         with group_grams(layer, arch, device, f"{i}.") as stats:
             hidden = [run_layer(layer, h.to(device), kw).to(offload) for h, kw in zip(hidden, kwargs[i])]
         for group, st in zip(arch.groups, stats):
@@ -92,5 +140,5 @@ def whitened_spectra(layers, arch: Architecture, hidden: list, kwargs: list, cfg
                     f = fisher[key].to(svd.U.device)
                     weighted = sigma2 * (svd.U ** 2 * f[:, None]).sum(0)
                 spectra[key] = Spectrum(sigma2.cpu(), None if weighted is None else weighted.cpu(), st.count)
-        layers[i] = layer.to(offload) if offload != device else layer
+        store.put_back(i, layer)
     return spectra

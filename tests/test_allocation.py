@@ -9,6 +9,7 @@ import svdkern
 from svdkern.allocation import (MatrixShape, budget_of, total_kept, uniform_ranks, v2_ranks,
                                 water_fill)
 from svdkern.blocks import capture_layer_inputs, run_layer
+from svdkern.layer_store import LayerStore
 from svdkern.models import architecture_of
 from svdkern.policy import allocate, matrix_shapes
 from svdkern.presets import config_for
@@ -86,7 +87,7 @@ def _allocation(model, windows, **knobs):
     cfg = config_for("svd-llm", 0.5, **knobs)
     inputs = capture_layer_inputs(model, layers, windows, 8, torch.device("cpu"), torch.device("cpu"))
     with torch.no_grad():
-        ranks, _ = allocate(model, layers, arch, windows, inputs, cfg, torch.device("cpu"),
+        ranks, _ = allocate(model, LayerStore(layers, "cpu", "cpu"), arch, windows, inputs, cfg, torch.device("cpu"),
                             torch.device("cpu"), 8, False, lambda *_: None)
     return ranks
 
@@ -166,3 +167,41 @@ def test_best_preset_runs_on_a_bfloat16_model(windows):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(model(windows[:2]).logits.float()).all()
+
+
+def _whole_model_fisher(model, arch, windows, batch_size):
+    """Oracle: one backward of the whole model per micro-batch, hooks on every linear's output."""
+    import torch.nn.functional as F
+
+    fisher, handles = {}, []
+    for i, layer in enumerate(model.get_submodule(arch.layers_path)):
+        for name in (n for g in arch.groups for n in g):
+            def hook(_m, _a, out, key=f"{i}.{name}"):
+                out.register_hook(lambda g: fisher.__setitem__(
+                    key, fisher.get(key, 0) + g.double().pow(2).reshape(-1, g.shape[-1]).sum(0)))
+            handles.append(layer.get_submodule(name).register_forward_hook(hook))
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start:start + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        (loss * len(ids) / len(windows)).backward()
+    for h in handles:
+        h.remove()
+    return fisher
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gemma3_text"])
+def test_layer_by_layer_fisher_equals_the_whole_model_backward(model_type, windows):
+    from svdkern.sensitivity import output_fisher
+
+    model = tiny_model(model_type, seed=2, layers=3)
+    arch = architecture_of(model)
+    want = _whole_model_fisher(model, arch, windows[:10], 4)
+    model.zero_grad(set_to_none=True)
+    store = LayerStore(model.get_submodule(arch.layers_path), "cpu", "cpu")
+    with torch.no_grad():
+        got = output_fisher(model, store, arch, windows[:10], 4, torch.device("cpu"), torch.device("cpu"), False)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-12 * float(want[key].max()))
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients were made

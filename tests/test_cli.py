@@ -158,3 +158,35 @@ def test_ctrl_c_ends_cleanly_and_the_rerun_resumes_without_redoing_the_dense_eva
     assert len(evaluated) == 1  # the compressed model only: the dense result was kept
     assert "dense model: perplexity" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_compress_streams_from_disk(model_dir, tmp_path, capsys, monkeypatch):
+    """--stream-from-disk on a directory of small shards: the output loads and holds the in-memory
+    run's factors; a model that does not fit in memory is refused with the flag named."""
+    import torch
+
+    import svdkern
+    import svdkern.preflight as preflight
+    from conftest import tiny_with_real_tokenizer
+
+    model, tokenizer = tiny_with_real_tokenizer()
+    source = tmp_path / "sharded"
+    model.save_pretrained(source, max_shard_size="20KB")
+    tokenizer.save_pretrained(source)
+    common = ["--method", "ep-svd-llm", "--ratio", "0.3", "--nsamples", "4", "--seqlen", "64", "--device", "cpu"]
+    assert main(["compress", "--model", str(source), *common, "--out", str(tmp_path / "mem"), "--no-eval"]) == 0
+    capsys.readouterr()
+    assert main(["compress", "--model", str(source), *common, "--out", str(tmp_path / "disk"),
+                 "--stream-from-disk"]) == 0
+    text = capsys.readouterr().out
+    assert "saved to" in text and "reading shards" in text and not (tmp_path / "disk.partial").exists()
+    mem, disk = svdkern.load(tmp_path / "mem", dtype=torch.float32), svdkern.load(tmp_path / "disk", dtype=torch.float32)
+    assert len(disk.config.quantization_config.ranks) == 14
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(mem(ids).logits, disk(ids).logits)
+    assert main(["compress", "--model", "smollm2", "--stream-from-disk", "--out", str(tmp_path / "x")]) == 2
+    assert "reads a model directory of safetensors shards" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 1000)
+    assert main(["compress", "--model", str(source), *common, "--out", str(tmp_path / "y"), "--no-eval"]) == 2
+    assert "pass --stream-from-disk" in capsys.readouterr().err

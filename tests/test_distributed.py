@@ -27,10 +27,22 @@ def _worker(rank, world, port, method, family, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        import svdkern.pipeline as pipeline
+
+        real_svd, solves = pipeline.svd_of, [0]
+
+        def counted(*args, **kwargs):
+            solves[0] += 1
+            return real_svd(*args, **kwargs)
+
+        pipeline.svd_of = counted
         model = tiny_model(family, seed=5)
         svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=2, progress=False,
                          log=lambda *_: None)
         torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
+        report = model._svdkern_report
+        torch.save({"solves": solves[0], **{f: getattr(report, f) for f in pipeline.REPORT_FIELDS}},
+                   os.path.join(out, f"report{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -54,6 +66,14 @@ def test_two_gloo_processes_give_one_process_factors(method, family, tmp_path):
         # (EP/SAES's W·Δ·P⁻ᵀ amplifies rounding where a tiny model's Gram is ill-conditioned)
         order = float((reordered[name] - W).norm() / W.norm())
         assert err <= 2 * order + 1e-4, (name, err, order)
+    # each matrix solved once, by one rank, and every rank's report complete (svd_of: once per
+    # matrix in one process; SAES's β needs a second SVD of each)
+    reports = [torch.load(tmp_path / f"report{r}.pt") for r in range(2)]
+    per_matrix = 2 if method == "saes-svd" else 1
+    solves = [r.pop("solves") for r in reports]
+    assert sum(solves) == per_matrix * len(expected) and max(solves) <= per_matrix * (len(expected) // 2 + 2)
+    assert reports[0] == reports[1] and set(reports[0]["ranks"]) == {
+        n.split("layers.", 1)[1] for n in expected}
 
 
 def one_process(family, method, batch_size) -> dict:

@@ -58,6 +58,8 @@ def steps(out: str, dry_run: bool) -> list[dict]:
         {"name": "bench: engine memory at LLaMA-7B shapes", "limit": 240, "dry": True,
          "cmd": bench("bench_engine.py", *([] if dry_run else ["--scale", "1", "--layers", "1", "--nsamples", "4",
                                                                 "--methods", "svd-llm,ep-svd-llm,erc-svd"]))},
+        {"name": "bench: LLaMA-7B/70B memory and time estimate from streamed 7B layers", "limit": 240, "dry": True,
+         "cmd": bench("estimate_scale.py", *([] if dry_run else ["--scale", "1", "--layers", "1", "--nsamples", "16"]))},
     ]
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import torch
 
+from . import distributed
 from .data import calibration_windows
 from .hf_quantizer import mark_compressed
 from .io import METADATA
@@ -135,7 +136,10 @@ def compress_from_disk(directory: str, out: str, method: str = DEFAULT_METHOD, r
     try:
         compress(model, method, ratio, calib, tokenizer, device=device, checkpoint_dir=checkpoint_dir,
                  store=store, **kwargs)
-        save_streamed(model, store, out, tokenizer, overwrite=overwrite)
+        if distributed.rank() == 0:  # under torch.distributed rank 0 writes, as `svdkern compress` does
+            save_streamed(model, store, out, tokenizer, overwrite=overwrite)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         if not checkpoint_dir:  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)

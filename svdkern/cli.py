@@ -264,20 +264,22 @@ def _compress_streamed(args, cfg, knobs, out, device) -> int:
     from .api import compress_from_disk
     from .shards import empty_model
 
-    if distributed.world() > 1:
-        raise PreflightError("--stream-from-disk runs in one process so far: drop torchrun, or the flag")
     if not os.path.isdir(os.path.expanduser(args.model)):
         raise PreflightError(f"--stream-from-disk reads a model directory of safetensors shards; {args.model} "
                              "is not a directory (download it first, e.g. `hf download ID --local-dir DIR`)")
     _check_run_args(args, [args.calib])
     model, _ = empty_model(args.model, DTYPES[args.dtype])  # checks the shards' names; cheap
     _check_fits(model, args, cfg.stream if cfg.whitening else None, None)
-    ckpt = None if args.no_checkpoint else args.checkpoint_dir or out.rstrip("/") + ".partial"
+    ckpt = (None if args.no_checkpoint or distributed.world() > 1  # no resume across ranks yet
+            else args.checkpoint_dir or out.rstrip("/") + ".partial")
+    lead = distributed.rank() == 0
     model = compress_from_disk(
         args.model, out, args.method, args.ratio, args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, sampler=args.sampler, dtype=DTYPES[args.dtype],
         save_dtype=None if args.save_dtype == "auto" else DTYPES[args.save_dtype], device=device,
-        batch_size=args.batch_size, checkpoint_dir=ckpt, overwrite=args.overwrite, **knobs)
+        batch_size=args.batch_size, checkpoint_dir=ckpt, overwrite=args.overwrite, progress=lead, **knobs)
+    if not lead:
+        return 0
     print(f"{args.method} at ratio {args.ratio}: {model._svdkern_report.summary()}")
     print(f"saved to {out} (no perplexity while streaming: `svdkern eval {out}` where it fits)")
     if args.report:

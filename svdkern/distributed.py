@@ -4,15 +4,17 @@ Under an initialized process group (torchrun, or the API inside one), each rank 
 on its share of the calibration micro-batches (global batches r, r + W, r + 2W, …); the Gram and
 cross-term sums and their token counts are all-reduced before every solve (`stats.py`), so every
 rank sees the same problem, one process's up to the order of the sums; each matrix is solved by
-one rank and its factors broadcast to the others (`share_solves`). NCCL on GPUs, gloo on CPUs. What needs per-batch bookkeeping across ranks (β chosen on held-out batches, block
-refinement, the searched or measured rank policies, checkpoints) is refused for now, by name.
+one rank and its factors broadcast to the others (`share_solves`). NCCL on GPUs, gloo on CPUs.
+Batch-indexed choices use global batch indices (β's held-out batches are the last ones of all
+ranks; PLC searches on the first ones) and their sums (PLC's errors, the Fisher sensitivities)
+are all-reduced too; block refinement steps through the global batches in order, each gradient
+broadcast by the rank that holds its batch. Checkpoints (resume) are refused, by name.
 """
 from __future__ import annotations
 
 import torch
 
-UNSUPPORTED = "under torch.distributed svdkern supports the uniform rank policy without β selection, " \
-              "refinement or checkpoints so far"
+UNSUPPORTED = "under torch.distributed svdkern does not support checkpoints (resume) so far"
 
 
 def _initialized() -> bool:
@@ -28,24 +30,32 @@ def rank() -> int:
 
 
 def check_supported(cfg, checkpoint_dir) -> None:
-    problems = [what for what, bad in (
-        (f"layer_policy {cfg.layer_policy!r}", cfg.layer_policy != "uniform"),
-        ("beta_grid (held-out β selection)", bool(cfg.beta_grid)),
-        ("refine_epochs (block refinement)", bool(cfg.refine_epochs)),
-        ("checkpoint_dir (resume)", checkpoint_dir is not None)) if bad]
+    problems = ["checkpoint_dir (resume)"] if checkpoint_dir is not None else []
     if problems:
         raise ValueError(f"{UNSUPPORTED}: this run asks for {', '.join(problems)}. Run it in one "
                          "process, or drop those settings.")
 
 
-def local_windows(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def local_windows(windows: torch.Tensor, batch_size: int, allow_none: bool = False) -> torch.Tensor:
     """This rank's micro-batches, in order (the short last batch, if any, stays last)."""
     starts = list(range(0, len(windows), batch_size))
     mine = [windows[s:s + batch_size] for i, s in enumerate(starts) if i % world() == rank()]
     if not mine:
+        if allow_none:
+            return windows[:0]
         raise ValueError(f"{len(starts)} calibration micro-batches cannot feed {world()} ranks: raise "
                          "nsamples or lower the batch size")
     return torch.cat(mine)
+
+
+def global_batch(local: int) -> int:
+    """The global index of this rank's micro-batch number `local` (see local_windows)."""
+    return rank() + world() * local
+
+
+def local_count(global_batches: int, local_batches: int) -> int:
+    """How many of this rank's micro-batches are among the first `global_batches` of all."""
+    return sum(global_batch(j) < global_batches for j in range(local_batches))
 
 
 def summed(tensor: torch.Tensor) -> torch.Tensor:
@@ -55,6 +65,10 @@ def summed(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
     torch.distributed.all_reduce(total)
     return total
+
+
+def summed_float(value: float, device) -> float:
+    return value if world() == 1 else float(summed(torch.tensor([value], dtype=torch.float64, device=device)))
 
 
 def summed_count(count: int, device) -> int:
@@ -89,6 +103,16 @@ def share_solves(layer, prefix: str, owners: list, report) -> None:
         torch.distributed.broadcast(V, src=owner)
         if owner != rank():
             install(layer, name, U, V, module)
+
+
+def broadcast_grads(params, src: int) -> None:
+    """Give every rank the gradients rank `src` computed (zeros where it made none)."""
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.broadcast(p.grad, src=src)
 
 
 def all_agree(flag: bool, device) -> bool:

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .blocks import install
 from .clock import timed
 from .models import Architecture, set_submodule
@@ -94,8 +95,13 @@ class DiskLayerStore(LayerStore):
         _trim()
 
     def commit(self, i: int, layer: nn.Module) -> None:
+        """Write layer i's shard (rank 0 only, under torch.distributed: every rank holds the same
+        factors) and free the layer."""
         from safetensors.torch import save_file
 
+        if distributed.rank() != 0:
+            self.put_back(i, layer)
+            return
         prefix = f"{self.layers_path}.{i}."
         tensors = {prefix + k: v.detach().to(self.save_dtype if v.is_floating_point() else v.dtype)
                    .contiguous().cpu() for k, v in layer.state_dict().items()}

@@ -227,14 +227,13 @@ class Checkpoint:
         """factors=False: the layer store has written the layer's factors itself."""
         from safetensors.torch import save_file
 
-        tensors = {}
-        for name in (n for g in arch.groups for n in g):
-            module = layer.get_submodule(name)
-            if not isinstance(module, LowRankLinear) or not factors:
-                continue
-            tensors[name + ".U"] = module.U.detach().contiguous().cpu()
-            tensors[name + ".V"] = module.V.detach().contiguous().cpu()
         if factors:
+            tensors = {}
+            for name in (n for g in arch.groups for n in g):
+                module = layer.get_submodule(name)
+                if isinstance(module, LowRankLinear):
+                    tensors[name + ".U"] = module.U.detach().contiguous().cpu()
+                    tensors[name + ".V"] = module.V.detach().contiguous().cpu()
             _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
         stream_file = f"streams_{index:04d}.pt"
         _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),
@@ -278,7 +277,7 @@ def _differences(saved: dict, now: dict) -> list[str]:
         return ["a checkpoint from an older svdkern version"]
     out = []
     for key, value in now.items():
-        before = saved.get(key)
+        before = saved.get(key, "in memory" if key == "layers" else None)  # older checkpoints: in memory
         if before == value:
             continue
         if key == "config":
@@ -334,6 +333,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _plain_svd(store, arch, cfg, report, progress)
         else:
             _check_calibration_size(windows, layers[0], arch)
+            calibration = windows  # all ranks' (the sensitivity pass takes its sample from it)
             if distributed.world() > 1:  # this rank's share of the micro-batches (distributed.py)
                 distributed.check_supported(cfg, checkpoint_dir)
                 windows = distributed.local_windows(windows, batch_size)
@@ -346,7 +346,7 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
             if saved is None:
                 with timed("allocation"):
-                    ranks, details = allocate(model, store, arch, windows, inputs, cfg, device, offload,
+                    ranks, details = allocate(model, store, arch, calibration, inputs, cfg, device, offload,
                                               batch_size, progress, log)
                 if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
                     with timed("checkpoint I/O"):
@@ -416,6 +416,7 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
     bar = tqdm(range(start, len(store)), desc=f"compress {cfg.stream}", unit="layer",
                initial=start, total=len(store), disable=not progress)
     staging = None  # decided on the first layer: does the staged executor reproduce it?
+    global_batches = distributed.summed_count(len(inputs.hidden), device)  # all ranks' micro-batches
     for i in bar:
         layer = store.fetch(i)
         kwargs = inputs.kwargs[i]
@@ -454,9 +455,10 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
                     else:
                         x_hat = lambda b, lead=group[0]: input_of(  # noqa: E731
                             layer, lead, streams["compressed"][b].to(device), kwargs[b])
-                    holdout = _holdout(cfg, len(kwargs)) if cfg.beta_grid else 0
+                    holdout = _holdout(cfg, global_batches) if cfg.beta_grid else 0
                     H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_inputs, g,
-                                                      x_hat, len(kwargs), device, prefix + group[0], holdout)
+                                                      x_hat, len(kwargs), device, prefix + group[0], holdout,
+                                                      global_batches)
                     with timed("solves"):
                         compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out,
                                        first=sum(len(x) for x in arch.groups[:g]))
@@ -488,9 +490,10 @@ def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
         if not any(isinstance(m, LowRankLinear) for m in layer.modules()):
             report.refine[index] = {"skipped": "the policy kept every matrix of this layer dense"}
             return
-        holdout = min(cfg.holdout_batches, len(inputs) - 1)  # one batch: it fits and selects
+        total = distributed.summed_count(len(inputs), device)  # all ranks' micro-batches
+        holdout = min(cfg.holdout_batches, total - 1)  # one batch: it fits and selects
         result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
-                              lr=cfg.refine_lr, holdout=holdout, device=device)
+                              lr=cfg.refine_lr, holdout=holdout, device=device, global_batches=total)
         report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
                                 "selection": result.selection}
 
@@ -536,19 +539,21 @@ def _fp_group_inputs(original, arch, hidden, kwargs, device, offload, budget_byt
     return _Cached(inputs), out
 
 
-def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name: str, holdout: int = 0):
+def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name: str, holdout: int = 0,
+                 global_batches: int | None = None):
     """Ĥ and Δ (Δ against the FP stream's inputs, for two streams) for group g.
 
     x_hat_of(b): the compressed stream's input of the group for micro-batch b (n channels).
     Returns (H, Δ, held_out): held_out is None, or (H_fit, Δ_fit, H_val, Δ_val) split at the last
-    `holdout` micro-batches, for choosing β per matrix.
+    `holdout` micro-batches (of all ranks' `global_batches`, under torch.distributed), for choosing β
+    per matrix.
     """
     parts = 2 if holdout and fp_inputs is not None else 1  # split only when β is chosen
-    split = batches - holdout
+    split = (global_batches or batches) - holdout
     grams = [GramStats(n, device, name=name) for _ in range(parts)]
     crosses = [CrossStats(n, device, name=name) for _ in range(parts)] if fp_inputs is not None else None
     for b in range(batches):
-        part = int(b >= split) if parts == 2 else 0
+        part = int(distributed.global_batch(b) >= split) if parts == 2 else 0
         x_hat = x_hat_of(b)
         grams[part].add(x_hat)
         if crosses is not None:

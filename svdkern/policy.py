@@ -18,6 +18,7 @@ import math
 
 from tqdm.auto import tqdm
 
+from . import distributed
 from .allocation import MatrixShape, budget_of, fit_budget, uniform_ranks, v2_ranks, water_fill
 from .blocks import group_grams, install, propagate
 from .sensitivity import output_fisher, whitened_spectra
@@ -46,9 +47,10 @@ def allocate(model, store, arch, windows, inputs, cfg, device, offload, batch_si
     if cfg.layer_policy == "plc":
         return plc_search(store, arch, cfg, inputs, device, offload, progress, log)
     fisher = None
-    if cfg.layer_policy == "sensitivity":
+    if cfg.layer_policy == "sensitivity":  # `windows` are all ranks' under torch.distributed
         sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
-        fisher = output_fisher(model, store, arch, sample, batch_size, device, offload, progress)
+        fisher = output_fisher(model, store, arch, distributed.local_windows(sample, batch_size, allow_none=True),
+                               batch_size, device, offload, progress, total=len(sample))
     spectra = whitened_spectra(store, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
                                fisher, progress)
     if cfg.layer_policy == "v2":
@@ -77,8 +79,9 @@ def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tupl
     N = len(layers)
     candidates = plc_candidates(N, cfg.ratio, cfg.plc_step, cfg.residual_beta)
     first_needed = N - max(candidates)
-    nb = len(inputs.hidden)
-    search_batches = nb if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
+    nb = len(inputs.hidden)  # this rank's micro-batches; the search takes the first of all ranks'
+    wanted = None if cfg.plc_samples is None else max(1, -(-cfg.plc_samples // inputs.hidden[0].shape[0]))
+    search_batches = nb if wanted is None else distributed.local_count(wanted, nb)
     fp, trials = inputs.hidden, {}
     for i in tqdm(range(N), desc="plc search", unit="layer", disable=not progress):
         layer = store.fetch(i)
@@ -102,11 +105,11 @@ def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tupl
             del solved
         store.put_back(i, layer)
     fp_out = fp[:search_batches]
-    den = sum(float((f.double() ** 2).sum()) for f in fp_out)
+    den = distributed.summed_float(sum(float((f.double() ** 2).sum()) for f in fp_out), device)
     errors = {}
     for k in candidates:
         num = sum(float(((h.double() - f.double()) ** 2).sum()) for h, f in zip(trials[k], fp_out))
-        errors[k] = (num / den) ** 0.5
+        errors[k] = (distributed.summed_float(num, device) / den) ** 0.5
         log(f"plc: last {k:3d} layers at ratio {plc_layer_ratio(N, cfg.ratio, k):.4f}: "
             f"final-layer relative error {errors[k]:.5f}")
     best = min(errors, key=errors.get)
@@ -120,7 +123,7 @@ def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tupl
     # N·R/k's floors can keep a little more than the uniform floors: trim to the budget
     ranks = fit_budget(shapes, ranks, budget_of(shapes, cfg.ratio))
     return ranks, {"errors": errors, "layers": best, "layer_ratio": layer_ratio,
-                   "search_windows": sum(h.shape[0] for h in fp_out)}
+                   "search_windows": distributed.summed_count(sum(h.shape[0] for h in fp_out), device)}
 
 
 def _plc_trial_layer(layer, arch, solved, layer_ratio, cfg, index):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .nn import LowRankLinear
 
 
@@ -37,7 +38,8 @@ def _cast(obj, dtype):
 
 
 def relative_block_error(layer, run_layer, inputs, targets, kwargs, device) -> float:
-    """‖f(x) − y‖² / ‖y‖² summed over micro-batches (float64), in the layer's own dtype."""
+    """‖f(x) − y‖² / ‖y‖² summed over micro-batches (float64), in the layer's own dtype; under
+    torch.distributed over the micro-batches of all ranks."""
     dtype = next(layer.parameters()).dtype
     num = den = 0.0
     with torch.no_grad():
@@ -46,7 +48,14 @@ def relative_block_error(layer, run_layer, inputs, targets, kwargs, device) -> f
             y = y.to(device).double()
             num += float(((out - y) ** 2).sum())
             den += float((y ** 2).sum())
+    num, den = distributed.summed_float(num, device), distributed.summed_float(den, device)
     return num / max(den, 1e-300)
+
+
+def _columns(batches: list) -> tuple[list, list, list]:
+    """(inputs, targets, kwargs) of (input, target, kwargs) triples; three empty lists for none
+    (a rank that holds no selection batch still joins the error's all-reduce)."""
+    return tuple(list(column) for column in zip(*batches)) if batches else ([], [], [])
 
 
 def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
@@ -58,17 +67,23 @@ def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwargs: list, *,
-                 epochs: int, lr: float, holdout: int, device) -> RefineResult:
+                 epochs: int, lr: float, holdout: int, device, global_batches: int | None = None) -> RefineResult:
     """Tune the LowRankLinear factors of `layer` in place; returns the errors before and after.
 
     inputs/targets/kwargs: one entry per calibration micro-batch. The last `holdout` micro-batches
     are never stepped on; they pick the kept state (evaluated after every pass over the rest).
     With holdout 0 the fit batches themselves pick it.
+    Under torch.distributed these are this rank's micro-batches of all ranks' `global_batches`: the
+    steps still go through the global batches in order, each taken by the rank that holds the batch
+    and its gradient broadcast, so every rank (and one process) makes the same Adam steps.
     """
-    if not 0 <= holdout < len(inputs):
-        raise ValueError(f"refinement holdout must leave micro-batches to fit: {holdout} of {len(inputs)}")
-    fit = list(zip(inputs, targets, kwargs))[: len(inputs) - holdout]
-    select = list(zip(inputs, targets, kwargs))[len(inputs) - holdout:] if holdout else fit
+    total = global_batches or len(inputs)
+    if not 0 <= holdout < total:
+        raise ValueError(f"refinement holdout must leave micro-batches to fit: {holdout} of {total}")
+    local = {distributed.global_batch(j): batch for j, batch in enumerate(zip(inputs, targets, kwargs))}
+    fit = list(range(total - holdout))  # global indices, stepped in this order
+    select = [b for g, b in local.items() if g >= total - holdout] if holdout else [
+        b for g, b in local.items() if g < total - holdout]
     params = factor_parameters(layer)
     if not params:
         raise ValueError("refinement found no LowRankLinear factors in the block")
@@ -81,7 +96,7 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
         p.requires_grad_(True)
 
     def error():
-        return relative_block_error(layer, run_layer, *zip(*select), device)
+        return relative_block_error(layer, run_layer, *_columns(select), device)
 
     best = before = error()
     best_state, best_steps, steps = [p.detach().clone() for p in params], 0, 0
@@ -89,12 +104,15 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
     try:
         with torch.enable_grad():
             for _ in range(epochs):
-                for x, y, kw in fit:
-                    y = y.to(device).float()
-                    out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
-                    loss = ((out.float() - y) ** 2).sum() / (y ** 2).sum()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                for g in fit:
+                    opt.zero_grad(set_to_none=False)
+                    if g in local:
+                        x, y, kw = local[g]
+                        y = y.to(device).float()
+                        out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
+                        loss = ((out.float() - y) ** 2).sum() / (y ** 2).sum()
+                        loss.backward()
+                    distributed.broadcast_grads(params, src=g % distributed.world())
                     opt.step()
                     steps += 1
                 now = error()
@@ -110,11 +128,11 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
             p.requires_grad_(flag)
     if best_steps and any(p.dtype != torch.float32 for p in params):
         # rounding back to the model's dtype can eat the gain: keep the original if it did
-        best = relative_block_error(layer, run_layer, *zip(*select), device)
+        best = relative_block_error(layer, run_layer, *_columns(select), device)
         if best > before:
             with torch.no_grad():
                 for p, saved in zip(params, original):
                     p.copy_(saved)
-            best, best_steps = relative_block_error(layer, run_layer, *zip(*select), device), 0
+            best, best_steps = relative_block_error(layer, run_layer, *_columns(select), device), 0
             before = best
     return RefineResult(before, best, best_steps, "held-out" if holdout else "fit")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .blocks import capture_layer_inputs, group_grams, propagate, run_layer
 from .models import Architecture
 from .solvers.factorize import svd_of, target
@@ -25,8 +26,9 @@ from .solvers.whiten import whiten
 
 
 def output_fisher(model, store, arch: Architecture, windows: torch.Tensor, batch_size: int,
-                  device, offload, progress: bool = True) -> dict[str, torch.Tensor]:
-    """{"layer.name": (out_features,) float64 Σ_t (∂L/∂y_t)²}, L = mean next-token loss.
+                  device, offload, progress: bool = True, total: int | None = None) -> dict[str, torch.Tensor]:
+    """{"layer.name": (out_features,) float64 Σ_t (∂L/∂y_t)²}, L = mean next-token loss over `total`
+    windows (default: these; under torch.distributed this rank's share, the sums all-reduced).
 
     Layer by layer, like the other passes (`store` holds the layers, layer_store.py): a forward
     pass keeps every layer's input; the head's gradient is then carried back one layer at a
@@ -37,13 +39,21 @@ def output_fisher(model, store, arch: Architecture, windows: torch.Tensor, batch
     for p, _ in flags:
         p.requires_grad_(False)  # only activations get gradients (a fetched layer inherits this)
     try:
-        return _fisher(model, store, arch, windows, batch_size, device, offload, progress)
+        fisher = _fisher(model, store, arch, windows, batch_size, device, offload, progress,
+                         total or len(windows))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+    if distributed.world() > 1:  # a rank without a sample batch adds zeros
+        for i, layer in enumerate(store.layers):
+            for name in (n for g in arch.groups for n in g):
+                key = f"{i}.{name}"
+                zeros = torch.zeros(layer.get_submodule(name).out_features, dtype=torch.float64, device=device)
+                fisher[key] = distributed.summed(fisher[key].to(device) if key in fisher else zeros).cpu()
+    return fisher
 
 
-def _fisher(model, store, arch, windows, batch_size, device, offload, progress):
+def _fisher(model, store, arch, windows, batch_size, device, offload, progress, total):
     import torch.nn.functional as F
 
     inputs = capture_layer_inputs(model, store.layers, windows, batch_size, device, offload)
@@ -59,7 +69,7 @@ def _fisher(model, store, arch, windows, batch_size, device, offload, progress):
             head.value = kept[-1][b].to(device).requires_grad_(True)
             logits = model(input_ids=ids, use_cache=False).logits.float()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            (loss * len(ids) / len(windows)).backward()
+            (loss * len(ids) / total).backward()
             grads.append(head.value.grad.to(offload))
     fisher = {}
     for i in tqdm(reversed(range(len(store))), total=len(store), desc="sensitivity backward",
@@ -131,6 +141,7 @@ def whitened_spectra(store, arch: Architecture, hidden: list, kwargs: list, cfg,
             hidden = [run_layer(layer, h.to(device), kw).to(offload) for h, kw in zip(hidden, kwargs[i])]
         for group, st in zip(arch.groups, stats):
             wh = whiten(st.mean(), cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
+            tokens = distributed.summed_count(st.count, device)  # all ranks' tokens
             for name in group:
                 key = f"{i}.{name}"
                 svd = svd_of(target(layer.get_submodule(name).weight.detach(), wh), cfg.svd_dtype)
@@ -139,6 +150,6 @@ def whitened_spectra(store, arch: Architecture, hidden: list, kwargs: list, cfg,
                 if fisher is not None:
                     f = fisher[key].to(svd.U.device)
                     weighted = sigma2 * (svd.U ** 2 * f[:, None]).sum(0)
-                spectra[key] = Spectrum(sigma2.cpu(), None if weighted is None else weighted.cpu(), st.count)
+                spectra[key] = Spectrum(sigma2.cpu(), None if weighted is None else weighted.cpu(), tokens)
         store.put_back(i, layer)
     return spectra

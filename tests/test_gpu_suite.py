@@ -18,8 +18,10 @@ def test_gpu_suite_dry_run(tmp_path):
     assert names == ["environment", "build (sm_90 only)", "extension loads", "GPU tests", "tune kernel configs",
                      "bench: fused low-rank linear", "bench: decode step under CUDA graphs",
                      "bench: Gram and whitening", "bench: SVD-LLM on 2 LLaMA-7B layers per Gram path",
-                     "bench: engine memory at LLaMA-7B shapes"]
+                     "bench: engine memory at LLaMA-7B shapes",
+                     "bench: LLaMA-7B/70B memory and time estimate from streamed 7B layers"]
     assert all((" | ok | " in row) or ("listed (needs a GPU)" in row) for row in rows), summary
     for table in ("lowrank_cpu_dry_run.md", "decode_step_cpu_dry_run.md", "stats_cpu_dry_run.md",
-                  "lowrank_cpu_dry_run.json", "compress_7b_cpu_dry_run.md", "engine_memory_scale32_cpu.md"):
+                  "lowrank_cpu_dry_run.json", "compress_7b_cpu_dry_run.md", "engine_memory_scale32_cpu.md",
+                  "scale_estimate_dry_run.md"):
         assert (out / table).stat().st_size > 0, table

@@ -23,8 +23,8 @@ MUTANTS = {
         "svdkern/pipeline.py", "beta = aces_beta(coef, cfg.aces_range)", "beta = cfg.aces_range[0]"),
     "svd-llm propagates the compressed layer": (
         "svdkern/pipeline.py",
-        "                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)\n",
-        "                    compress_group(layer, group, st.mean(), cfg, ranks, report, prefix)\n"
+        "                    distributed.share_solves(layer, prefix, solved_elsewhere, report)\n",
+        "                    distributed.share_solves(layer, prefix, solved_elsewhere, report)\n"
         "                streams[\"fp\"] = propagate(layer, fp_in, kwargs, device, offload)\n"),
     "rec stage 2 in the whitened metric": (
         "svdkern/solvers/factorize.py", "R = W.to(torch.float64) - U1 @ V1",

@@ -40,11 +40,11 @@ MUTANTS = {
         "                            layer_before, lead, streams[\"compressed\"][b].to(device), kwargs[b])"),
     # resume: the checkpoint must name everything that shapes the factors, and keep the report
     "resume ignores the batch size": (
-        "svdkern/pipeline.py", '"batch_size": batch_size,', '"batch_size": None,'),
+        "svdkern/checkpoint.py", '"batch_size": batch_size,', '"batch_size": None,'),
     "resume forgets the report entries": (
-        "svdkern/pipeline.py", 'getattr(report, key).update(progress["report"].get(key, {}))', "pass"),
+        "svdkern/checkpoint.py", 'getattr(report, key).update(progress["report"].get(key, {}))', "pass"),
     "resume reads the newest stream file, not the one progress names": (
-        "svdkern/pipeline.py", 'os.path.join(self.dir, progress["streams"])',
+        "svdkern/checkpoint.py", 'os.path.join(self.dir, _stream_file(progress["next_layer"] - 1))',
         'os.path.join(self.dir, sorted(f for f in os.listdir(self.dir) if f.startswith("streams_") '
         'and f.endswith(".pt"))[-1])'),
 }

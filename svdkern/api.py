@@ -138,12 +138,13 @@ def compress_from_disk(directory: str, out: str, method: str = DEFAULT_METHOD, r
                  store=store, **kwargs)
         if distributed.rank() == 0:  # under torch.distributed rank 0 writes, as `svdkern compress` does
             save_streamed(model, store, out, tokenizer, overwrite=overwrite)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        elif not checkpoint_dir:
+            shutil.rmtree(work, ignore_errors=True)  # this rank's own (empty) temporary directory
     except BaseException:
         if not checkpoint_dir:  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    if checkpoint_dir and os.path.isdir(checkpoint_dir) and not os.listdir(checkpoint_dir):
+    if (checkpoint_dir and distributed.rank() == 0 and os.path.isdir(checkpoint_dir)
+            and not os.listdir(checkpoint_dir)):
         os.rmdir(checkpoint_dir)
     return model

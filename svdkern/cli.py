@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget holds). auto (default): 64…8 where it drops at most 2%% of a rank; "
                         "1: the papers' ranks")
     c.add_argument("--checkpoint-dir", default=None,
-                   help="per-layer checkpoints for resuming (default: <out>.partial)")
+                   help="per-layer checkpoints for resuming (default: <out>.partial; under torchrun, on a file "
+                        "system every rank reads)")
     c.add_argument("--no-checkpoint", action="store_true")
     c.add_argument("--eval-windows", type=int, default=64,
                    help="windows of the dense/compressed perplexity printed at the end")
@@ -231,8 +232,7 @@ def cmd_compress(args) -> int:
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
     _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
-    ckpt = (None if args.no_checkpoint or distributed.world() > 1  # no resume across ranks yet
-            else args.checkpoint_dir or out.rstrip("/") + ".partial")
+    ckpt = None if args.no_checkpoint else args.checkpoint_dir or out.rstrip("/") + ".partial"
     windows = None
     if not args.no_eval and lead:
         windows, described = _eval_windows(tokenizer, "wikitext2", args.seqlen, args.eval_windows)
@@ -270,8 +270,7 @@ def _compress_streamed(args, cfg, knobs, out, device) -> int:
     _check_run_args(args, [args.calib])
     model, _ = empty_model(args.model, DTYPES[args.dtype])  # checks the shards' names; cheap
     _check_fits(model, args, cfg.stream if cfg.whitening else None, None)
-    ckpt = (None if args.no_checkpoint or distributed.world() > 1  # no resume across ranks yet
-            else args.checkpoint_dir or out.rstrip("/") + ".partial")
+    ckpt = None if args.no_checkpoint else args.checkpoint_dir or out.rstrip("/") + ".partial"
     lead = distributed.rank() == 0
     model = compress_from_disk(
         args.model, out, args.method, args.ratio, args.calib, nsamples=args.nsamples, seqlen=args.seqlen,

@@ -8,14 +8,12 @@ one rank and its factors broadcast to the others (`share_solves`). NCCL on GPUs,
 Batch-indexed choices use global batch indices (β's held-out batches are the last ones of all
 ranks; PLC searches on the first ones) and their sums (PLC's errors, the Fisher sensitivities)
 are all-reduced too; block refinement steps through the global batches in order, each gradient
-broadcast by the rank that holds its batch. Checkpoints (resume) are refused, by name.
+broadcast by the rank that holds its batch. Checkpoints work as in one process, in a directory
+every rank can read (checkpoint.py: each rank keeps its own streams).
 """
 from __future__ import annotations
 
 import torch
-
-UNSUPPORTED = "under torch.distributed svdkern does not support checkpoints (resume) so far"
-
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -27,13 +25,6 @@ def world() -> int:
 
 def rank() -> int:
     return torch.distributed.get_rank() if _initialized() else 0
-
-
-def check_supported(cfg, checkpoint_dir) -> None:
-    problems = ["checkpoint_dir (resume)"] if checkpoint_dir is not None else []
-    if problems:
-        raise ValueError(f"{UNSUPPORTED}: this run asks for {', '.join(problems)}. Run it in one "
-                         "process, or drop those settings.")
 
 
 def local_windows(windows: torch.Tensor, batch_size: int, allow_none: bool = False) -> torch.Tensor:
@@ -120,3 +111,17 @@ def all_agree(flag: bool, device) -> bool:
     if world() == 1:
         return flag
     return bool(summed(torch.tensor([float(flag)], device=device)).item() == world())
+
+
+def barrier() -> None:
+    if world() > 1:
+        torch.distributed.barrier()
+
+
+def same_on_every_rank(value, device) -> bool:
+    """Whether every rank holds rank 0's `value` (a picklable one); the same answer on every rank."""
+    if world() == 1:
+        return True
+    lead = [value]
+    torch.distributed.broadcast_object_list(lead, src=0)
+    return all_agree(lead[0] == value, device)

@@ -9,9 +9,6 @@ on the compute device and the calibration activations of each stream, kept on `o
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +19,7 @@ from tqdm.auto import tqdm
 from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
                      install, propagate, run_layer)
 from . import distributed
+from .checkpoint import Checkpoint, fingerprint
 from .clock import StageClock, timed
 from .layer_store import LayerStore
 from .models import Architecture, architecture_of
@@ -144,158 +142,6 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
     return owners
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine", "aligned_ranks", "truncation")
-
-
-class Checkpoint:
-    """Per-layer factors, the stream activations and the report so far, so a run resumes.
-
-    Every file is written under a temporary name and renamed; progress.json is renamed last and
-    names the stream file it goes with, so a process killed at any instant leaves a consistent
-    state: the last layer whose progress.json landed.
-    """
-
-    def __init__(self, directory: str, fingerprint: dict, started: float):
-        self.dir, self.fingerprint = directory, fingerprint
-        os.makedirs(directory, exist_ok=True)
-        self.progress_file = os.path.join(directory, "progress.json")
-        self.started = started       # perf_counter() when this run began
-        self.previous_seconds = 0.0  # compression time spent by the interrupted runs
-
-    def seconds(self) -> float:
-        return self.previous_seconds + time.perf_counter() - self.started
-
-    def load(self, store: LayerStore, arch: Architecture, report: CompressionReport):
-        """(next layer, streams) from a previous run, or (0, None); restores the report entries."""
-        if not os.path.exists(self.progress_file):
-            return 0, None
-        with open(self.progress_file) as f:
-            progress = json.load(f)
-        self._check(progress["fingerprint"])
-        from safetensors.torch import load_file
-
-        for i in range(progress["next_layer"]):
-            path = os.path.join(self.dir, f"layer_{i:04d}.safetensors")
-            store.restore(i, arch, lambda path=path: load_file(path))
-        for key in REPORT_FIELDS:  # .get: a checkpoint from before a field existed still resumes
-            getattr(report, key).update(progress["report"].get(key, {}))
-        report.refine = {int(k): v for k, v in report.refine.items()}
-        self.previous_seconds = progress["seconds"]
-        streams = torch.load(os.path.join(self.dir, progress["streams"]), weights_only=True)
-        return progress["next_layer"], streams
-
-    def load_allocation(self):
-        """(ranks, details) the interrupted run allocated, or None."""
-        path = os.path.join(self.dir, "allocation.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            saved = json.load(f)
-        self._check(saved["fingerprint"])
-        self.previous_seconds = saved["seconds"]
-        details = saved["details"]
-        if "errors" in details:  # PLC's candidate layer counts (JSON keeps keys as strings)
-            details["errors"] = {int(k): v for k, v in details["errors"].items()}
-        return saved["ranks"], details
-
-    def save_allocation(self, ranks: dict, details: dict) -> None:
-        record = {"fingerprint": self.fingerprint, "ranks": ranks, "details": details,
-                  "seconds": self.seconds()}
-        _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
-
-    def _check(self, saved: dict) -> None:
-        changed = _differences(saved, self.fingerprint)
-        if changed:
-            raise RuntimeError(
-                f"checkpoint directory {self.dir} was written by a run with other settings: "
-                f"{'; '.join(changed)}. Rerun with the same ones to resume, or delete the "
-                "directory (or pass another checkpoint directory) to start afresh")
-
-    def remove(self) -> None:
-        """Delete what this run wrote (never anything else in the directory)."""
-        for name in os.listdir(self.dir):
-            base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
-            if base.startswith(("layer_", "streams_")) or base in ("progress.json", "allocation.json"):
-                os.remove(os.path.join(self.dir, name))
-        if not os.listdir(self.dir):
-            os.rmdir(self.dir)
-
-    def save(self, index: int, layer, arch: Architecture, streams: dict, report: CompressionReport,
-             factors: bool = True) -> None:
-        """factors=False: the layer store has written the layer's factors itself."""
-        from safetensors.torch import save_file
-
-        if factors:
-            tensors = {}
-            for name in (n for g in arch.groups for n in g):
-                module = layer.get_submodule(name)
-                if isinstance(module, LowRankLinear):
-                    tensors[name + ".U"] = module.U.detach().contiguous().cpu()
-                    tensors[name + ".V"] = module.V.detach().contiguous().cpu()
-            _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
-        stream_file = f"streams_{index:04d}.pt"
-        _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),
-                os.path.join(self.dir, stream_file))
-        progress = {"next_layer": index + 1, "fingerprint": self.fingerprint, "streams": stream_file,
-                    "seconds": self.seconds(),
-                    "report": {key: getattr(report, key) for key in REPORT_FIELDS}}
-        _atomic(lambda p: _write_json(progress, p), self.progress_file)
-        for name in os.listdir(self.dir):  # older stream files are superseded only now
-            if name.startswith("streams_") and name != stream_file and not name.endswith(".tmp"):
-                os.remove(os.path.join(self.dir, name))
-
-
-def _write_json(record, path):
-    with open(path, "w") as f:
-        json.dump(record, f, default=str)
-
-
-def _atomic(write, path: str) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _fingerprint(model, store: LayerStore, windows: torch.Tensor, cfg: CompressionConfig,
-                 batch_size: int) -> dict:
-    """What a resumed run must share with the interrupted one to give the same factors."""
-    def digest(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()[:16]
-
-    return {"config": cfg.to_dict(), "batch_size": batch_size,
-            "calibration": digest(windows.cpu().numpy().tobytes()) + f" {tuple(windows.shape)}",
-            "weights": store.weights_digest(model),
-            "layers": "streamed from disk" if store.writes_factors else "in memory",
-            "model_config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())}
-
-
-def _differences(saved: dict, now: dict) -> list[str]:
-    """Readable names of what changed between a checkpoint's fingerprint and this run's."""
-    if not isinstance(saved, dict):
-        return ["a checkpoint from an older svdkern version"]
-    out = []
-    for key, value in now.items():
-        before = saved.get(key, "in memory" if key == "layers" else None)  # older checkpoints: in memory
-        if before == value:
-            continue
-        if key == "config":
-            keys = sorted(k for k in set(value) | set(before or {}) if (before or {}).get(k) != value.get(k))
-            out.append("method settings " + ", ".join(f"{k} {(before or {}).get(k)} -> {value.get(k)}" for k in keys))
-        elif key == "batch_size":
-            out.append(f"batch size {before} -> {value}")
-        elif key == "calibration":
-            out.append(f"calibration windows (data, nsamples, seqlen or seed; shape {before} -> {value})")
-        elif key == "weights":
-            out.append("the model's weights")
-        elif key == "layers":
-            out.append(f"layers {before} -> {value} (resume the way the run started)")
-        else:
-            out.append("the model's configuration")
-    return out
-
-
 # ----------------------------------------------------------------------------- drivers
 
 def block_linear_params(layers, arch: Architecture) -> int:
@@ -335,10 +181,9 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             _check_calibration_size(windows, layers[0], arch)
             calibration = windows  # all ranks' (the sensitivity pass takes its sample from it)
             if distributed.world() > 1:  # this rank's share of the micro-batches (distributed.py)
-                distributed.check_supported(cfg, checkpoint_dir)
                 windows = distributed.local_windows(windows, batch_size)
                 progress = progress and distributed.rank() == 0
-            ckpt = (Checkpoint(checkpoint_dir, _fingerprint(model, store, windows, cfg, batch_size), started)
+            ckpt = (Checkpoint(checkpoint_dir, fingerprint(model, store, calibration, cfg, batch_size), started)
                     if checkpoint_dir else None)
             with timed("checkpoint I/O"):
                 saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
@@ -410,9 +255,13 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
     if ckpt is not None:
         with timed("checkpoint I/O"):
             start, saved = ckpt.load(store, arch, report)
+        if not distributed.same_on_every_rank(start, device):
+            raise RuntimeError(f"the ranks found different progress in {ckpt.dir}: under torch.distributed "
+                               "the checkpoint directory must be one that every rank reads (a shared file system)")
         if saved is not None:
             streams = saved
-            log(f"resuming from {ckpt.dir} at layer {start}")
+            if distributed.rank() == 0:
+                log(f"resuming from {ckpt.dir} at layer {start}")
     bar = tqdm(range(start, len(store)), desc=f"compress {cfg.stream}", unit="layer",
                initial=start, total=len(store), disable=not progress)
     staging = None  # decided on the first layer: does the staged executor reproduce it?
@@ -471,7 +320,7 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
                 with timed("checkpoint I/O"):
                     ckpt.save(i, layer, arch, streams, report, factors=not store.writes_factors)
         except KeyboardInterrupt:
-            if ckpt is not None:
+            if ckpt is not None and distributed.rank() == 0:
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "
                     "command to resume")
             raise

@@ -132,12 +132,12 @@ def test_what_needs_the_model_is_checked_before_the_dense_evaluation(model_dir, 
 def test_ctrl_c_ends_cleanly_and_the_rerun_resumes_without_redoing_the_dense_evaluation(
         model_dir, tmp_path, capsys, monkeypatch):
     import svdkern.evaluate
-    import svdkern.pipeline
+    import svdkern.checkpoint
 
     args = ["compress", "--model", str(model_dir), "--method", "ep-svd-llm", "--ratio", "0.3",
             "--nsamples", "4", "--seqlen", "64", "--eval-windows", "2", "--out", str(tmp_path / "o"),
             "--device", "cpu", "--batch-size", "2"]
-    real_atomic, calls = svdkern.pipeline._atomic, [0]
+    real_atomic, calls = svdkern.checkpoint._atomic, [0]
 
     def interrupted(write, path):
         calls[0] += 1
@@ -145,12 +145,12 @@ def test_ctrl_c_ends_cleanly_and_the_rerun_resumes_without_redoing_the_dense_eva
             raise KeyboardInterrupt
         real_atomic(write, path)
 
-    monkeypatch.setattr(svdkern.pipeline, "_atomic", interrupted)
+    monkeypatch.setattr(svdkern.checkpoint, "_atomic", interrupted)
     assert main(args) == 130
     captured = capsys.readouterr()
     assert captured.err.strip().endswith("interrupted") and "Traceback" not in captured.err
     assert "dense_eval.json" in {p.name for p in (tmp_path / "o.partial").iterdir()}
-    monkeypatch.setattr(svdkern.pipeline, "_atomic", real_atomic)
+    monkeypatch.setattr(svdkern.checkpoint, "_atomic", real_atomic)
     real_ppl, evaluated = svdkern.evaluate.perplexity, []
     monkeypatch.setattr(svdkern.evaluate, "perplexity",
                         lambda *a, **k: evaluated.append(1) or real_ppl(*a, **k))

@@ -27,6 +27,7 @@ def _worker(rank, world, port, method, family, out, knobs=None):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        import svdkern.checkpoint as checkpoint
         import svdkern.pipeline as pipeline
 
         real_svd, solves = pipeline.svd_of, [0]
@@ -42,7 +43,7 @@ def _worker(rank, world, port, method, family, out, knobs=None):
         torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
         report = model._svdkern_report
         torch.save({"solves": solves[0], "allocation": report.allocation, "plc": report.plc,
-                    **{f: getattr(report, f) for f in pipeline.REPORT_FIELDS}},
+                    **{f: getattr(report, f) for f in checkpoint.REPORT_FIELDS}},
                    os.path.join(out, f"report{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -103,24 +104,78 @@ def one_process_run(family, method, batch_size, **knobs):
     return dense_weights(model), model._svdkern_report
 
 
-def _refusing_worker(rank, world, port, out):
+def _resuming_worker(rank, world, port, method, out, ckpt, stop):
+    """One rank of a checkpointed run. stop: None (run to the end and save the factors) or, per
+    rank, ("ctrl-c", n): KeyboardInterrupt in this rank's n-th layer forward, or ("kill", n, half):
+    the process dies at its n-th checkpoint write (half: after the temporary file, before the rename)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    import svdkern.blocks as blocks
+    import svdkern.checkpoint as checkpoint
+
+    plan, forwards, writes = (stop or {}).get(rank), [0], [0]
+    real_run, real_atomic = blocks.run_layer, checkpoint._atomic
+
+    def counted(*args, **kwargs):
+        forwards[0] += 1
+        if plan and plan[0] == "ctrl-c" and forwards[0] == plan[1]:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+    blocks.run_layer = counted
+    if plan and plan[0] == "kill":
+        def dying(write, path):
+            writes[0] += 1
+            if writes[0] == plan[1]:
+                if plan[2]:
+                    write(path + ".tmp")
+                os._exit(9)  # a killed process: no cleanup, no collective
+            real_atomic(write, path)
+        checkpoint._atomic = dying
     try:
-        svdkern.compress(tiny_model("llama"), "erc-svd", 0.3, calib=calibration(), batch_size=2,
-                         checkpoint_dir=os.path.join(out, f"ck{rank}"), progress=False, log=lambda *_: None)
-    except ValueError as exc:
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write(str(exc))
-    finally:
-        torch.distributed.destroy_process_group()
+        model = tiny_model("llama", seed=5, layers=3)
+        svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=2, checkpoint_dir=ckpt,
+                         progress=False, log=lambda *_: None)
+    except KeyboardInterrupt:  # torch's spawn would exit 0 on it; a peer would wait in a collective
+        os._exit(3)
+    torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
+    torch.save(forwards[0], os.path.join(out, f"forwards{rank}.pt"))
+    torch.distributed.destroy_process_group()
 
 
-def test_what_is_not_data_parallel_yet_is_refused_by_name(tmp_path):
-    mp.spawn(_refusing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    for r in range(2):
-        text = (tmp_path / f"rank{r}.txt").read_text()
-        assert "checkpoint_dir (resume)" in text and "Run it in one process" in text
+@pytest.mark.parametrize("method", ["svd-llm", "ep-svd-llm", "erc-svd"])
+def test_two_ranks_resume_to_the_uninterrupted_factors(method, tmp_path):
+    """Ranks stopped by Ctrl-C or killed at different instants resume, two processes again, to the
+    factors of an uninterrupted two-process run, bit for bit; one process is refused by name."""
+    import random
+
+    rng = random.Random(method)
+    mp.spawn(_resuming_worker, args=(2, free_port(), method, str(tmp_path), str(tmp_path / "ck0"), None), nprocs=2)
+    want = torch.load(tmp_path / "rank0.pt")
+    assert not (tmp_path / "ck0").exists()  # a finished run removes its checkpoint
+    forwards = min(torch.load(tmp_path / f"forwards{r}.pt") for r in range(2))  # layer forwards of a run
+    writes = 1 + 3 * 3  # rank 0: allocation, then per layer factors, streams, progress (rank 1: streams)
+    stops = {"ctrl-c": {r: ("ctrl-c", rng.randint(1, forwards)) for r in range(2)},
+             "killed": {0: ("kill", rng.randint(2, writes), rng.random() < 0.5),
+                        1: ("kill", rng.randint(1, 3), rng.random() < 0.5)}}
+    for case, stop in stops.items():
+        out, ckpt = tmp_path / case, tmp_path / case / "ck"
+        out.mkdir()
+        with pytest.raises(Exception):  # torch's spawn: a rank ended abnormally
+            mp.spawn(_resuming_worker, args=(2, free_port(), method, str(out), str(ckpt), stop), nprocs=2)
+        assert not (out / "rank0.pt").exists(), (case, stop)
+        if case == "killed":  # rank 0's first write, the allocation, landed before the layers began
+            assert (ckpt / "allocation.json").exists()
+            with pytest.raises(RuntimeError, match="processes 2 -> 1"):
+                svdkern.compress(tiny_model("llama", seed=5, layers=3), method, 0.3, calib=calibration(),
+                                 batch_size=2, checkpoint_dir=str(ckpt), progress=False, log=lambda *_: None)
+        mp.spawn(_resuming_worker, args=(2, free_port(), method, str(out), str(ckpt), None), nprocs=2)
+        for r in range(2):
+            got = torch.load(out / f"rank{r}.pt")
+            assert got.keys() == want.keys()
+            for name in want:
+                assert torch.equal(got[name], want[name]), (case, stop, r, name)
+        assert not ckpt.exists(), (case, stop)
 
 
 def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
@@ -187,23 +242,27 @@ def test_smollm2_on_two_gloo_processes(method, tmp_path):
     assert worst <= 2 * order + 1e-4, (worst, order)
 
 
-def _streaming_worker(rank, world, port, source, out):
+def _streaming_worker(rank, world, port, source, out, checkpoint_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         svdkern.compress_from_disk(source, out, "ep-svd-llm", 0.3, calib=calibration(), batch_size=2,
-                                   save_dtype=torch.float32, progress=False, log=lambda *_: None)
+                                   save_dtype=torch.float32, checkpoint_dir=checkpoint_dir, progress=False,
+                                   log=lambda *_: None)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_stream_from_disk(tmp_path):
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_two_ranks_stream_from_disk(checkpoint, tmp_path):
     """Streaming and data parallelism together (a model larger than memory on several GPUs):
-    each rank reads the layers, rank 0 alone writes the output, which holds one process's factors."""
+    each rank reads the layers, rank 0 alone writes the output, which holds one process's factors
+    (with a checkpoint directory, the ranks share it)."""
     source, out = str(tmp_path / "src"), str(tmp_path / "out")
     tiny_model("llama", seed=5).save_pretrained(source, max_shard_size="20KB")
-    mp.spawn(_streaming_worker, args=(2, free_port(), source, out), nprocs=2)
+    ckpt = str(tmp_path / "ck") if checkpoint else None
+    mp.spawn(_streaming_worker, args=(2, free_port(), source, out, ckpt), nprocs=2)
     got = dense_weights(svdkern.load(out))
     expected, reordered = (one_process("llama", "ep-svd-llm", batch_size) for batch_size in (2, 4))
     assert set(got) == set(expected)

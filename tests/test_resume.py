@@ -12,6 +12,7 @@ import torch
 
 import svdkern
 import svdkern.blocks as blocks
+import svdkern.checkpoint as checkpoint
 import svdkern.pipeline as pipeline
 
 from conftest import REPO, tiny_model
@@ -43,7 +44,7 @@ def assert_same_run(got, want):
     for name in fw:
         assert torch.equal(fg[name][0], fw[name][0]) and torch.equal(fg[name][1], fw[name][1]), name
     rg, rw = got._svdkern_report, want._svdkern_report
-    for key in pipeline.REPORT_FIELDS + ("allocation", "plc"):
+    for key in checkpoint.REPORT_FIELDS + ("allocation", "plc"):
         assert getattr(rg, key) == getattr(rw, key), key
 
 
@@ -81,11 +82,11 @@ def test_ctrl_c_and_kill_at_random_points_resume_exactly(method, windows, tmp_pa
     rng = random.Random(method)
     reference = run(method, windows)
     layer_forwards = count_calls(monkeypatch, blocks, "run_layer", method, windows, str(tmp_path / "count"))
-    writes = count_calls(monkeypatch, pipeline, "_atomic", method, windows, str(tmp_path / "count"))
+    writes = count_calls(monkeypatch, checkpoint, "_atomic", method, windows, str(tmp_path / "count"))
     assert writes >= LAYERS  # every layer checkpoints (ERC's dense layers too)
     cases = [("ctrl-c mid-layer", blocks, "run_layer", rng.randint(1, layer_forwards), KeyboardInterrupt, False),
-             ("killed mid-write", pipeline, "_atomic", rng.randint(1, writes), Killed, True),
-             ("killed between writes", pipeline, "_atomic", rng.randint(1, writes), Killed, False)]
+             ("killed mid-write", checkpoint, "_atomic", rng.randint(1, writes), Killed, True),
+             ("killed between writes", checkpoint, "_atomic", rng.randint(1, writes), Killed, False)]
     for label, module, name, when, exc, half in cases:
         ckpt = str(tmp_path / label.replace(" ", "-"))
         real = interrupt_at(monkeypatch, module, name, when, exc, half)
@@ -99,10 +100,10 @@ def test_ctrl_c_and_kill_at_random_points_resume_exactly(method, windows, tmp_pa
 
 def test_resumed_run_reports_its_whole_time(windows, tmp_path, monkeypatch):
     ckpt = str(tmp_path / "ck")
-    real = interrupt_at(monkeypatch, pipeline, "_atomic", 5, KeyboardInterrupt)  # in layer 1's save
+    real = interrupt_at(monkeypatch, checkpoint, "_atomic", 5, KeyboardInterrupt)  # in layer 1's save
     with pytest.raises(KeyboardInterrupt):
         run("ep-svd-llm", windows, ckpt)
-    monkeypatch.setattr(pipeline, "_atomic", real)
+    monkeypatch.setattr(checkpoint, "_atomic", real)
     import json
 
     with open(os.path.join(ckpt, "progress.json")) as f:
@@ -119,10 +120,10 @@ def test_resumed_run_reports_its_whole_time(windows, tmp_path, monkeypatch):
 ])
 def test_resume_with_other_inputs_is_refused_by_name(change, expected, windows, tmp_path, monkeypatch):
     ckpt = str(tmp_path / "ck")
-    real = interrupt_at(monkeypatch, pipeline, "_atomic", 2, KeyboardInterrupt)
+    real = interrupt_at(monkeypatch, checkpoint, "_atomic", 2, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run("ep-svd-llm", windows, ckpt)
-    monkeypatch.setattr(pipeline, "_atomic", real)
+    monkeypatch.setattr(checkpoint, "_atomic", real)
     before = sorted(os.listdir(ckpt))
     other = windows.flip(0) if change.get("windows") else windows
     with pytest.raises(RuntimeError, match="other settings") as err:
@@ -143,15 +144,15 @@ def test_a_killed_process_resumes_exactly(windows, tmp_path):
     child = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(REPO / 'tests')!r})
-        import svdkern, svdkern.pipeline as pipeline
+        import svdkern, svdkern.checkpoint as checkpoint
         from conftest import tiny_model
-        real, calls = pipeline._atomic, [0]
+        real, calls = checkpoint._atomic, [0]
         def dying(write, path):
             calls[0] += 1
             if calls[0] == 7:
                 os.kill(os.getpid(), signal.SIGKILL)
             real(write, path)
-        pipeline._atomic = dying
+        checkpoint._atomic = dying
         model = tiny_model("llama", seed=5, layers={LAYERS})
         svdkern.compress(model, "ep-svd-llm", 0.3, calib=torch.load({str(tmp_path / 'windows.pt')!r}),
                          checkpoint_dir={ckpt!r}, batch_size=4, progress=False, log=lambda *_: None)

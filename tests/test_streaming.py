@@ -8,6 +8,7 @@ import torch
 
 import svdkern
 import svdkern.blocks as blocks
+import svdkern.checkpoint as checkpoint
 import svdkern.pipeline as pipeline
 from svdkern.layer_store import DiskLayerStore
 
@@ -79,7 +80,7 @@ def test_streamed_run_equals_the_in_memory_run(method, model_type, strip, window
         svdkern.models.architecture_of(model).layers_path).parameters())  # no layer stayed in memory
     assert_same_output(str(tmp_path / "out"), reference, windows)
     got, want = model._svdkern_report, reference._svdkern_report
-    for key in pipeline.REPORT_FIELDS + ("allocation", "plc"):
+    for key in checkpoint.REPORT_FIELDS + ("allocation", "plc"):
         assert getattr(got, key) == getattr(want, key), key
     assert (got.block_params_after, got.model_params_after) == (want.block_params_after, want.model_params_after)
 
@@ -88,7 +89,7 @@ def test_streamed_run_resumes_exactly(windows, tmp_path, monkeypatch):
     source = sharded(tmp_path)
     reference = in_memory("ep-svd-llm", windows)
     rng = random.Random(3)
-    real_commit, real_run, real_atomic = DiskLayerStore.commit, blocks.run_layer, pipeline._atomic
+    real_commit, real_run, real_atomic = DiskLayerStore.commit, blocks.run_layer, checkpoint._atomic
 
     def nth_call(real, when, exc, after=False):
         calls = [0]
@@ -104,7 +105,7 @@ def test_streamed_run_resumes_exactly(windows, tmp_path, monkeypatch):
         return wrapper
 
     cases = [("ctrl-c mid-layer", blocks, "run_layer", real_run, rng.randint(2, 20), KeyboardInterrupt, False),
-             ("killed between writes", pipeline, "_atomic", real_atomic, rng.randint(2, 6), Killed, False),
+             ("killed between writes", checkpoint, "_atomic", real_atomic, rng.randint(2, 6), Killed, False),
              ("killed after a shard", DiskLayerStore, "commit", real_commit, 2, Killed, True)]
     for label, owner, name, real, when, exc, after in cases:
         ckpt, out = str(tmp_path / f"ck-{name}"), str(tmp_path / f"out-{name}")
@@ -123,7 +124,7 @@ def test_resume_refuses_a_change_of_path(windows, tmp_path, monkeypatch):
     """A checkpoint of an in-memory run is not resumed from disk (their files differ): said by name."""
     source = sharded(tmp_path)
     ckpt = str(tmp_path / "ck")
-    real = pipeline._atomic
+    real = checkpoint._atomic
     calls = [0]
 
     def interrupting(*args):
@@ -132,11 +133,11 @@ def test_resume_refuses_a_change_of_path(windows, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "_atomic", interrupting)
+    monkeypatch.setattr(checkpoint, "_atomic", interrupting)
     with pytest.raises(KeyboardInterrupt):
         svdkern.compress(tiny_model("llama", seed=4, layers=LAYERS), "svd-llm", 0.3, calib=windows,
                          batch_size=4, checkpoint_dir=ckpt, **QUIET)
-    monkeypatch.setattr(pipeline, "_atomic", real)
+    monkeypatch.setattr(checkpoint, "_atomic", real)
     with pytest.raises(RuntimeError, match="layers in memory -> streamed from disk"):
         streamed(source, str(tmp_path / "out"), windows, "svd-llm", ckpt)
 

@@ -1,0 +1,199 @@
+"""Checkpoints: what a layer-by-layer run has finished, so an interrupted one resumes exactly.
+
+A fingerprint of everything that decides the factors (settings, batch size, calibration, weights,
+where the layers live, the number of processes) guards the directory: a run with other inputs is
+refused by name instead of mixing two runs' activations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+
+from . import distributed
+from .layer_store import LayerStore
+from .models import Architecture
+from .nn import LowRankLinear
+from .presets import CompressionConfig
+
+REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine", "aligned_ranks", "truncation")
+
+
+class Checkpoint:
+    """Per-layer factors, the stream activations and the report so far, so a run resumes.
+
+    Every file is written under a temporary name and renamed; progress.json is renamed last and
+    names the stream file it goes with, so a process killed at any instant leaves a consistent
+    state: the last layer whose progress.json landed. Under torch.distributed the directory is
+    shared: each rank keeps its own streams (streams_NNNN.rankR.pt), rank 0 writes the rest, and
+    barriers order the writes (`save`) so ranks killed at different instants still agree.
+    """
+
+    def __init__(self, directory: str, fingerprint: dict, started: float):
+        self.dir, self.fingerprint = directory, fingerprint
+        os.makedirs(directory, exist_ok=True)
+        self.progress_file = os.path.join(directory, "progress.json")
+        self.started = started       # perf_counter() when this run began
+        self.previous_seconds = 0.0  # compression time spent by the interrupted runs
+
+    def seconds(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
+
+    def load(self, store: LayerStore, arch: Architecture, report):
+        """(next layer, streams) from a previous run, or (0, None); restores the report entries."""
+        if not os.path.exists(self.progress_file):
+            return 0, None
+        with open(self.progress_file) as f:
+            progress = json.load(f)
+        self._check(progress["fingerprint"])
+        from safetensors.torch import load_file
+
+        for i in range(progress["next_layer"]):
+            path = os.path.join(self.dir, f"layer_{i:04d}.safetensors")
+            store.restore(i, arch, lambda path=path: load_file(path))
+        for key in REPORT_FIELDS:  # .get: a checkpoint from before a field existed still resumes
+            getattr(report, key).update(progress["report"].get(key, {}))
+        report.refine = {int(k): v for k, v in report.refine.items()}
+        self.previous_seconds = progress["seconds"]
+        path = os.path.join(self.dir, _stream_file(progress["next_layer"] - 1))
+        if not os.path.isfile(path):
+            raise RuntimeError(f"the checkpoint says layer {progress['next_layer'] - 1} is done, but this "
+                               f"rank's activations {path} are missing: delete {self.dir} to start afresh")
+        return progress["next_layer"], torch.load(path, weights_only=True)
+
+    def load_allocation(self):
+        """(ranks, details) the interrupted run allocated, or None."""
+        path = os.path.join(self.dir, "allocation.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f)
+        self._check(saved["fingerprint"])
+        self.previous_seconds = saved["seconds"]
+        details = saved["details"]
+        if "errors" in details:  # PLC's candidate layer counts (JSON keeps keys as strings)
+            details["errors"] = {int(k): v for k, v in details["errors"].items()}
+        return saved["ranks"], details
+
+    def save_allocation(self, ranks: dict, details: dict) -> None:
+        record = {"fingerprint": self.fingerprint, "ranks": ranks, "details": details,
+                  "seconds": self.seconds()}
+        if distributed.rank() == 0:  # every rank allocated the same ranks
+            _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
+
+    def _check(self, saved: dict) -> None:
+        changed = _differences(saved, self.fingerprint)
+        if changed:
+            raise RuntimeError(
+                f"checkpoint directory {self.dir} was written by a run with other settings: "
+                f"{'; '.join(changed)}. Rerun with the same ones to resume, or delete the "
+                "directory (or pass another checkpoint directory) to start afresh")
+
+    def remove(self) -> None:
+        """Delete what this run wrote (never anything else in the directory); rank 0 does, once
+        every rank is done with it."""
+        distributed.barrier()
+        if distributed.rank() == 0:
+            self._remove_files()
+        distributed.barrier()
+
+    def _remove_files(self) -> None:
+        for name in os.listdir(self.dir):
+            base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
+            if base.startswith(("layer_", "streams_")) or base in ("progress.json", "allocation.json"):
+                os.remove(os.path.join(self.dir, name))
+        if not os.listdir(self.dir):
+            os.rmdir(self.dir)
+
+    def save(self, index: int, layer, arch: Architecture, streams: dict, report,
+             factors: bool = True) -> None:
+        """factors=False: the layer store has written the layer's factors itself."""
+        from safetensors.torch import save_file
+
+        lead = distributed.rank() == 0  # every rank holds the same factors and report
+        if factors and lead:
+            tensors = {}
+            for name in (n for g in arch.groups for n in g):
+                module = layer.get_submodule(name)
+                if isinstance(module, LowRankLinear):
+                    tensors[name + ".U"] = module.U.detach().contiguous().cpu()
+                    tensors[name + ".V"] = module.V.detach().contiguous().cpu()
+            _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
+        stream_file = _stream_file(index)
+        _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),
+                os.path.join(self.dir, stream_file))
+        distributed.barrier()  # every rank's streams (and rank 0's factors) are on disk
+        if lead:
+            progress = {"next_layer": index + 1, "fingerprint": self.fingerprint, "streams": stream_file,
+                        "seconds": self.seconds(),
+                        "report": {key: getattr(report, key) for key in REPORT_FIELDS}}
+            _atomic(lambda p: _write_json(progress, p), self.progress_file)
+        distributed.barrier()  # progress.json names this layer: this rank's older streams are superseded
+        mine = _stream_file(0).removeprefix("streams_0000")  # ".pt", or ".rankR.pt" under torch.distributed
+        for name in os.listdir(self.dir):
+            if name.startswith("streams_") and name.endswith(mine) and name != stream_file:
+                os.remove(os.path.join(self.dir, name))
+
+
+def _stream_file(index: int) -> str:
+    """This rank's activations after layer `index`."""
+    rank = f".rank{distributed.rank()}" if distributed.world() > 1 else ""
+    return f"streams_{index:04d}{rank}.pt"
+
+
+def _write_json(record, path):
+    with open(path, "w") as f:
+        json.dump(record, f, default=str)
+
+
+def _atomic(write, path: str) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def fingerprint(model, store: LayerStore, windows: torch.Tensor, cfg: CompressionConfig,
+                 batch_size: int) -> dict:
+    """What a resumed run must share with the interrupted one to give the same factors."""
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    return {"config": cfg.to_dict(), "batch_size": batch_size,
+            "calibration": digest(windows.cpu().numpy().tobytes()) + f" {tuple(windows.shape)}",
+            "weights": store.weights_digest(model),
+            "layers": "streamed from disk" if store.writes_factors else "in memory",
+            "processes": distributed.world(),
+            "model_config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())}
+
+
+OLDER_CHECKPOINTS = {"layers": "in memory", "processes": 1}  # what fingerprints without the key meant
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """Readable names of what changed between a checkpoint's fingerprint and this run's."""
+    if not isinstance(saved, dict):
+        return ["a checkpoint from an older svdkern version"]
+    out = []
+    for key, value in now.items():
+        before = saved.get(key, OLDER_CHECKPOINTS.get(key))
+        if before == value:
+            continue
+        if key == "config":
+            keys = sorted(k for k in set(value) | set(before or {}) if (before or {}).get(k) != value.get(k))
+            out.append("method settings " + ", ".join(f"{k} {(before or {}).get(k)} -> {value.get(k)}" for k in keys))
+        elif key == "batch_size":
+            out.append(f"batch size {before} -> {value}")
+        elif key == "calibration":
+            out.append(f"calibration windows (data, nsamples, seqlen or seed; shape {before} -> {value})")
+        elif key == "weights":
+            out.append("the model's weights")
+        elif key == "layers":
+            out.append(f"layers {before} -> {value} (resume the way the run started)")
+        elif key == "processes":
+            out.append(f"processes {before} -> {value} (resume with as many ranks as the run started with)")
+        else:
+            out.append("the model's configuration")
+    return out

@@ -194,7 +194,11 @@ def _join_process_group(device: str) -> str:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # one GPU per rank: NCCL's collectives (and broadcast_object_list) use the current device
+        torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        torch.distributed.init_process_group("gloo")
     atexit.register(torch.distributed.destroy_process_group)
     return f"cuda:{local}" if cuda else device
 

@@ -194,6 +194,7 @@ def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved to") == 1  # rank 0 reports and saves
+    assert not (tmp_path / "two.partial").exists()  # the ranks' shared checkpoint, removed when done
     one = subprocess.run([sys.executable, "-m", "svdkern", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]

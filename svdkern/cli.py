@@ -159,7 +159,8 @@ def _eval_windows(tokenizer, data: str, seqlen: int, windows):
 
 def _check_run_args(args, data_sources=()) -> None:
     """Everything checkable without the model, before anything loads (one line on failure)."""
-    from .preflight import check_model_source, check_positive, check_text_source, go_offline_if_unreachable
+    from .preflight import (check_context_early, check_model_source, check_positive, check_text_source,
+                            go_offline_if_unreachable)
 
     if args.seqlen < 2:
         raise PreflightError(f"--seqlen must be at least 2 to predict a token; got {args.seqlen}")
@@ -170,6 +171,7 @@ def _check_run_args(args, data_sources=()) -> None:
     if _needs_hub(args.model, data_sources):
         go_offline_if_unreachable()
     check_model_source(args.model)
+    check_context_early(args.model, args.seqlen)
 
 
 def _needs_hub(model: str, data_sources) -> bool:

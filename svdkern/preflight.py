@@ -114,6 +114,29 @@ def check_model_fits(spec: str, itemsize: int) -> None:
                              "at a time (or --dtype bfloat16)")
 
 
+def check_context_early(spec: str, seqlen: int) -> None:
+    """--seqlen against the context length in a local model's config alone (config.json or the
+    GGUF header): seconds, before the weights load. Hub ids wait for the load (no network here)."""
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(spec)
+    if spec == "smollm2":
+        from .api import bundled_gguf  # here, not at the top: api imports this module's users
+
+        try:
+            path = bundled_gguf()
+        except FileNotFoundError as exc:
+            raise PreflightError(str(exc)) from None
+    if path.endswith(".gguf") and os.path.isfile(path):
+        folder, name = os.path.split(os.path.abspath(path))
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        config = AutoConfig.from_pretrained(path)
+    else:
+        return
+    check_context(config, seqlen)
+
+
 def check_context(config, seqlen: int) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit and seqlen > limit:

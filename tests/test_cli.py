@@ -112,6 +112,28 @@ def test_bad_arguments_fail_before_anything_loads(args, message, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["EMPTY"]  # nothing written
 
 
+@pytest.mark.parametrize("source", ["config.json", "bundled gguf"])
+def test_seqlen_is_checked_against_the_config_before_the_weights_load(source, tmp_path, capsys, monkeypatch):
+    import svdkern.api
+    from conftest import require_bundled_model, tiny_config
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded before --seqlen was checked")
+
+    monkeypatch.setattr(svdkern.api, "load_model", no_loading)
+    if source == "config.json":  # a directory with only a config: no weights are needed to refuse
+        tiny_config("llama", 2).save_pretrained(tmp_path / "m")
+        model, limit = str(tmp_path / "m"), tiny_config("llama", 2).max_position_embeddings
+    else:
+        require_bundled_model()
+        model, limit = "smollm2", 8192
+    rc = main(["compress", "--model", model, "--out", str(tmp_path / "o"), "--device", "cpu",
+               "--seqlen", str(limit + 1)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"exceeds the model's context length {limit}" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_what_needs_the_model_is_checked_before_the_dense_evaluation(model_dir, tmp_path, capsys, monkeypatch):
     import svdkern.evaluate
     import svdkern.preflight

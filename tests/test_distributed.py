@@ -1,5 +1,6 @@
 """Data-parallel calibration with gloo on the CPU: two processes give one process's factors."""
 import os
+import shutil
 import socket
 
 import pytest
@@ -243,28 +244,48 @@ def test_smollm2_on_two_gloo_processes(method, tmp_path):
     assert worst <= 2 * order + 1e-4, (worst, order)
 
 
-def _streaming_worker(rank, world, port, source, out, checkpoint_dir):
+def _streaming_worker(rank, world, port, source, out, checkpoint_dir, stop_at_layer=None):
+    """stop_at_layer: Ctrl-C on every rank as it finishes that layer (before its shard is written)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from svdkern.layer_store import DiskLayerStore
+
+    real_commit = DiskLayerStore.commit
+
+    def commit(self, i, layer):
+        if i == stop_at_layer:
+            raise KeyboardInterrupt
+        real_commit(self, i, layer)
+    DiskLayerStore.commit = commit
     try:
         svdkern.compress_from_disk(source, out, "ep-svd-llm", 0.3, calib=calibration(), batch_size=2,
                                    save_dtype=torch.float32, checkpoint_dir=checkpoint_dir, progress=False,
                                    log=lambda *_: None)
-    finally:
-        torch.distributed.destroy_process_group()
+    except KeyboardInterrupt:  # as in _resuming_worker: end this rank abnormally, at once
+        os._exit(3)
+    torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_two_ranks_stream_from_disk(checkpoint, tmp_path):
+@pytest.mark.parametrize("mode", ["no checkpoint", "checkpoint", "interrupted and resumed"])
+def test_two_ranks_stream_from_disk(mode, tmp_path):
     """Streaming and data parallelism together (a model larger than memory on several GPUs):
     each rank reads the layers, rank 0 alone writes the output, which holds one process's factors
-    (with a checkpoint directory, the ranks share it)."""
+    (with a checkpoint directory, the ranks share it; a resumed run writes the uninterrupted one's)."""
     source, out = str(tmp_path / "src"), str(tmp_path / "out")
     tiny_model("llama", seed=5).save_pretrained(source, max_shard_size="20KB")
-    ckpt = str(tmp_path / "ck") if checkpoint else None
+    ckpt = str(tmp_path / "ck") if mode != "no checkpoint" else None
+    if mode == "interrupted and resumed":
+        with pytest.raises(Exception):  # torch's spawn: the ranks ended abnormally
+            mp.spawn(_streaming_worker, args=(2, free_port(), source, out, ckpt, 1), nprocs=2)
+        assert os.path.isfile(os.path.join(ckpt, "progress.json")) and not os.path.exists(out)
     mp.spawn(_streaming_worker, args=(2, free_port(), source, out, ckpt), nprocs=2)
     got = dense_weights(svdkern.load(out))
+    if mode == "interrupted and resumed":
+        mp.spawn(_streaming_worker, args=(2, free_port(), source, str(tmp_path / "whole"), None), nprocs=2)
+        whole = dense_weights(svdkern.load(tmp_path / "whole"))
+        assert all(torch.equal(got[name], whole[name]) for name in whole) and got.keys() == whole.keys()
+        shutil.rmtree(tmp_path / "whole")
     expected, reordered = (one_process("llama", "ep-svd-llm", batch_size) for batch_size in (2, 4))
     assert set(got) == set(expected)
     for name, W in expected.items():

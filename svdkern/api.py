@@ -32,13 +32,24 @@ def bundled_gguf() -> str:
     return os.path.join(folder, ggufs[0])
 
 
-def load_model(spec: str, dtype=torch.float32, device=None):
-    """(model, tokenizer) from 'smollm2', a .gguf file, an svdkern directory, or a HF id/dir."""
+def load_model(spec: str, dtype=torch.float32, device=None, offload_dir: str | None = None,
+               max_memory: str | None = None):
+    """(model, tokenizer) from 'smollm2', a .gguf file, an svdkern directory, or a HF id/dir.
+
+    offload_dir: a model larger than memory keeps what fits (`max_memory` of host memory, default
+    what is free) and reads its other layers from this folder as the forward reaches them
+    (accelerate's disk offload; safetensors models and svdkern directories).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import offload_kwargs
 
     named = spec
     if spec == BUNDLED:
         spec = bundled_gguf()
+    if offload_dir is not None and spec.endswith(".gguf"):
+        raise ValueError("offloading reads safetensors weights from disk; a .gguf model is loaded whole: "
+                         "drop the offload directory")
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"no GGUF file at {spec}")
@@ -47,7 +58,8 @@ def load_model(spec: str, dtype=torch.float32, device=None):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
         source_dtype = "quantized"
     elif os.path.isfile(os.path.join(spec, METADATA)):
-        model = load_compressed(spec, dtype=dtype)
+        model = load_compressed(spec, dtype=dtype, **({"device": device, "offload_dir": offload_dir,
+                                                       "max_memory": max_memory} if offload_dir else {}))
         tokenizer = AutoTokenizer.from_pretrained(spec)
         source_dtype = None
     else:
@@ -55,12 +67,14 @@ def load_model(spec: str, dtype=torch.float32, device=None):
 
         source_dtype = str(getattr(AutoConfig.from_pretrained(spec), "dtype", None) or "").replace("torch.", "") or None
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, **(offload_kwargs(device, offload_dir, max_memory) if offload_dir else {}))
     local = named != BUNDLED and os.path.exists(named)
     model._svdkern_source = {"model": os.path.abspath(named) if local else named,  # save() picks its
                              "dtype": source_dtype}                                # dtype from it
     model.eval()
-    return (model.to(device) if device is not None else model), tokenizer
+    placed = device is None or offload_dir is not None  # accelerate placed an offloaded model
+    return (model if placed else model.to(device)), tokenizer
 
 
 def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wikitext2", tokenizer=None,

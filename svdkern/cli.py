@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot tasks instead of perplexity: lm-eval names (arc_easy, piqa, ...) or "
                         "paths to task YAML files; needs `pip install 'svdkern[eval]'`")
     e.add_argument("--limit", type=int, default=None, help="with --tasks: only the first N items of each task")
+    e.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="a model larger than memory: keep what fits and read the other layers from DIR "
+                        "during the forward (accelerate's disk offload; slow, bounded memory)")
+    e.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="with --offload-dir: host memory for weights, e.g. 64GiB (default: what is free)")
     _add_run_args(e)
 
     i = sub.add_parser("info", help="describe a saved compressed model", **fmt)
@@ -333,12 +338,19 @@ def cmd_eval(args) -> int:
     if args.tasks:
         return _zero_shot(args, device)
     _check_run_args(args, [args.data])
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, *_offload(args))
     _check_fits(model, args, None, min(args.batch_size, args.windows or args.batch_size))
     windows, described = _eval_windows(tokenizer, args.data, args.seqlen, args.windows)
     result = perplexity(model, windows, batch_size=args.batch_size, device=device)
     print(f"{result} on {described}")
     return 0 if result.nonfinite_windows == 0 else 1
+
+
+def _offload(args) -> tuple:
+    """(offload_dir, max_memory) for load_model; --max-memory alone is a mistake said in one line."""
+    if args.max_memory is not None and args.offload_dir is None:
+        raise PreflightError("--max-memory bounds what stays in memory when offloading: pass --offload-dir too")
+    return args.offload_dir, args.max_memory
 
 
 def _zero_shot(args, device) -> int:
@@ -348,8 +360,9 @@ def _zero_shot(args, device) -> int:
     task_names(args.tasks)  # names and files checked before the model loads
     check_positive(limit=args.limit)
     _check_run_args(args)
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
-    results = evaluate(model, tokenizer, args.tasks, batch_size=args.batch_size, limit=args.limit)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, *_offload(args))
+    results = evaluate(model, tokenizer, args.tasks, batch_size=args.batch_size, limit=args.limit,
+                       device=device)
     print(accuracy_table(results))
     return 0
 

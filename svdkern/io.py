@@ -146,13 +146,31 @@ def _umask() -> int:
     return mask
 
 
-def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = None):
+def offload_kwargs(device, offload_dir: str, max_memory: str | None = None) -> dict:
+    """from_pretrained's arguments for a model larger than memory: accelerate keeps what fits
+    (the compute device first, then `max_memory` of host memory) and reads the other layers
+    from `offload_dir` as the forward reaches them."""
+    from accelerate.utils import get_max_memory
+
+    device = torch.device(device or "cpu")
+    budget = {k: v for k, v in get_max_memory().items()
+              if k == "cpu" or (device.type == "cuda" and k == (device.index or 0))}
+    if max_memory is not None:
+        budget["cpu"] = max_memory
+    os.makedirs(offload_dir, exist_ok=True)
+    return {"device_map": "auto", "offload_folder": offload_dir, "max_memory": budget}
+
+
+def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = None,
+         offload_dir: str | None = None, max_memory: str | None = None):
     """A transformers model whose compressed layers are LowRankLinear, from `save`'s directory.
 
     The short path to `AutoModelForCausalLM.from_pretrained(directory)` (the same quantizer),
     with every mismatch turned into a CheckpointError that says what is wrong.
     pad_ranks_to: pad each factor pair with zeros to a multiple of this rank (exact, but stored),
     for aligned GPU kernel loads of factors saved unaligned (blocks.pad_ranks).
+    offload_dir: for a model larger than memory, layers beyond `max_memory` (default: what is
+    free) are read from this folder during the forward (`offload_kwargs`).
     """
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
@@ -196,7 +214,11 @@ def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = Non
         if got[1] != rank:
             raise CheckpointError(f"{name}.U: checkpoint shape {got} does not match rank {rank} in config.json")
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    if device is not None:
+    if offload_dir is not None:
+        if pad_ranks_to is not None:
+            raise ValueError("pad_ranks_to pads factors in memory; it cannot be combined with offload_dir")
+        kwargs.update(offload_kwargs(device, offload_dir, max_memory))
+    elif device is not None:
         kwargs["device_map"] = str(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)

@@ -43,8 +43,10 @@ def task_names(tasks: str) -> tuple[list[str], list[str]]:
 
 
 def evaluate(model, tokenizer, tasks: str, batch_size: int = 8, limit: int | None = None,
-             log_samples: bool = False) -> dict:
-    """lm-eval's results dict for `tasks` (see task_names) on this model object."""
+             log_samples: bool = False, device=None) -> dict:
+    """lm-eval's results dict for `tasks` (see task_names) on this model object.
+
+    device: where the inputs go (default: the parameters'; pass it for an offloaded model)."""
     _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -55,7 +57,7 @@ def evaluate(model, tokenizer, tasks: str, batch_size: int = 8, limit: int | Non
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise ValueError(f"lm-eval knows no task {', '.join(unknown)}; see `lm-eval ls tasks`, or pass a YAML path")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     return simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                            log_samples=log_samples, bootstrap_iters=0)

@@ -34,6 +34,28 @@ def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):
     assert '"format_version": 2' in capsys.readouterr().out
 
 
+def test_eval_offloads_a_model_larger_than_memory(model_dir, tmp_path, capsys):
+    """--offload-dir with a host budget smaller than the model: accelerate reads layers from disk
+    during the forward, and the perplexity is the in-memory one (dense and compressed)."""
+    from svdkern import load_model
+
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(model_dir), "--method", "svd-llm", "--ratio", "0.3", "--nsamples",
+                 "4", "--seqlen", "64", "--no-eval", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for model in (out, model_dir):
+        common = ["eval", str(model), "--seqlen", "64", "--windows", "3", "--device", "cpu"]
+        assert main(common) == 0
+        in_memory = capsys.readouterr().out.strip().splitlines()[-1]
+        offload = tmp_path / f"offload-{model.name}"
+        assert main([*common, "--offload-dir", str(offload), "--max-memory", "40KB"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == in_memory
+        offloaded, _ = load_model(str(model), device="cpu", offload_dir=str(offload), max_memory="40KB")
+        assert "disk" in offloaded.hf_device_map.values(), offloaded.hf_device_map  # layers read from disk
+    assert main(["eval", str(out), "--max-memory", "1GiB", "--device", "cpu"]) == 2
+    assert "pass --offload-dir too" in capsys.readouterr().err
+
+
 def test_bench_and_generate_compare_with_the_source(model_dir, tmp_path, capsys):
     import json
 

@@ -66,8 +66,6 @@ def main():
             args.nsamples, args.seqlen, args.repeats = 4, 64, 1
         else:
             model, tokenizer = svdkern.load_model("smollm2")
-            model.hf_quantizer = None  # dequantized from GGUF: save it as the plain model it now is
-            del model.config.quantization_config
         model.to(torch.bfloat16).save_pretrained(src, max_shard_size="20MB")
         tokenizer.save_pretrained(src)
         params = sum(p.numel() for p in model.parameters())

@@ -56,6 +56,7 @@ def load_model(spec: str, dtype=torch.float32, device=None, offload_dir: str | N
         folder, name = os.path.split(os.path.abspath(spec))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        _forget_gguf(model)
         source_dtype = "quantized"
     elif os.path.isfile(os.path.join(spec, METADATA)):
         model = load_compressed(spec, dtype=dtype, **({"device": device, "offload_dir": offload_dir,
@@ -75,6 +76,15 @@ def load_model(spec: str, dtype=torch.float32, device=None, offload_dir: str | N
     model.eval()
     placed = device is None or offload_dir is not None  # accelerate placed an offloaded model
     return (model if placed else model.to(device)), tokenizer
+
+
+def _forget_gguf(model) -> None:
+    """transformers dequantizes a GGUF file on load but keeps its quantizer, which refuses
+    save_pretrained; the model is plain `dtype` weights now, so it saves (and streams) as one."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def compress(model, method: str = DEFAULT_METHOD, ratio: float = 0.2, calib="wikitext2", tokenizer=None,

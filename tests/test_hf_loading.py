@@ -117,3 +117,21 @@ def test_padded_ranks_save_and_load_back(tmp_path, windows):
     assert ({n: m.rank for n, m in again.named_modules() if isinstance(m, LowRankLinear)}
             == {n: m.rank for n, m in padded.named_modules() if isinstance(m, LowRankLinear)})
     torch.testing.assert_close(logits(again, windows), logits(model, windows), rtol=1e-5, atol=1e-5)
+
+
+def test_the_bundled_gguf_saves_as_a_plain_model(tmp_path):
+    """transformers keeps a GGUF file's quantizer after dequantizing it, which refuses
+    save_pretrained; load_model drops it, so the bundled model converts to safetensors (the
+    input `--stream-from-disk` reads) with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import require_bundled_model
+
+    require_bundled_model()
+    model, _ = svdkern.load_model("smollm2")
+    model.save_pretrained(tmp_path / "plain", max_shard_size="100MB")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert getattr(again.config, "quantization_config", None) is None

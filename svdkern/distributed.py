@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -32,8 +32,8 @@ class Checkpoint:
     barriers order the writes (`save`) so ranks killed at different instants still agree.
     """
 
-    def __init__(self, directory: str, fingerprint: dict, started: float):
-        self.dir, self.fingerprint = directory, fingerprint
+    def __init__(self, directory: str, fingerprint: dict, started: float, device=None):
+        self.dir, self.fingerprint, self.device = directory, fingerprint, device  # device: for collectives
         os.makedirs(directory, exist_ok=True)
         self.progress_file = os.path.join(directory, "progress.json")
         self.started = started       # perf_counter() when this run began
@@ -43,7 +43,13 @@ class Checkpoint:
         return self.previous_seconds + time.perf_counter() - self.started
 
     def load(self, store: LayerStore, arch: Architecture, report):
-        """(next layer, streams) from a previous run, or (0, None); restores the report entries."""
+        """(next layer, streams) from a previous run, or (0, None); restores the report entries.
+        Under torch.distributed every rank resumes at the same layer or all refuse."""
+        start, streams = self._on_every_rank(lambda: self._read(store, arch, report))
+        self._same_on_every_rank(start)
+        return start, streams
+
+    def _read(self, store: LayerStore, arch: Architecture, report):
         if not os.path.exists(self.progress_file):
             return 0, None
         with open(self.progress_file) as f:
@@ -65,7 +71,29 @@ class Checkpoint:
         return progress["next_layer"], torch.load(path, weights_only=True)
 
     def load_allocation(self):
-        """(ranks, details) the interrupted run allocated, or None."""
+        """(ranks, details) the interrupted run allocated, or None (the same on every rank)."""
+        saved = self._on_every_rank(self._read_allocation)
+        self._same_on_every_rank(saved is not None)  # also: every rank read before rank 0 writes
+        return saved
+
+    def _on_every_rank(self, read):
+        """read(); a failure on any rank fails every rank (one rank stopping alone would leave the
+        others waiting in their next collective)."""
+        try:
+            result, error = read(), None
+        except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+            result, error = None, exc
+        if distributed.all_agree(error is None, self.device):
+            return result
+        raise error if error is not None else RuntimeError(
+            f"another rank could not resume from {self.dir}; its error says why")
+
+    def _same_on_every_rank(self, value) -> None:
+        if not distributed.same_on_every_rank(value, self.device):
+            raise RuntimeError(f"the ranks found different progress in {self.dir}: under torch.distributed the "
+                               "checkpoint directory must be one that every rank reads (a shared file system)")
+
+    def _read_allocation(self):
         path = os.path.join(self.dir, "allocation.json")
         if not os.path.exists(path):
             return None
@@ -101,6 +129,9 @@ class Checkpoint:
         distributed.barrier()
 
     def _remove_files(self) -> None:
+        for name in ("progress.json", "allocation.json"):  # first: a kill midway leaves no dangling progress
+            if os.path.exists(os.path.join(self.dir, name)):
+                os.remove(os.path.join(self.dir, name))
         for name in os.listdir(self.dir):
             base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
             if base.startswith(("layer_", "streams_")) or base in ("progress.json", "allocation.json"):
@@ -127,8 +158,7 @@ class Checkpoint:
                 os.path.join(self.dir, stream_file))
         distributed.barrier()  # every rank's streams (and rank 0's factors) are on disk
         if lead:
-            progress = {"next_layer": index + 1, "fingerprint": self.fingerprint, "streams": stream_file,
-                        "seconds": self.seconds(),
+            progress = {"next_layer": index + 1, "fingerprint": self.fingerprint, "seconds": self.seconds(),
                         "report": {key: getattr(report, key) for key in REPORT_FIELDS}}
             _atomic(lambda p: _write_json(progress, p), self.progress_file)
         distributed.barrier()  # progress.json names this layer: this rank's older streams are superseded

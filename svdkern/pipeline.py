@@ -183,8 +183,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             if distributed.world() > 1:  # this rank's share of the micro-batches (distributed.py)
                 windows = distributed.local_windows(windows, batch_size)
                 progress = progress and distributed.rank() == 0
-            ckpt = (Checkpoint(checkpoint_dir, fingerprint(model, store, calibration, cfg, batch_size), started)
-                    if checkpoint_dir else None)
+            ckpt = (Checkpoint(checkpoint_dir, fingerprint(model, store, calibration, cfg, batch_size), started,
+                               device) if checkpoint_dir else None)
             with timed("checkpoint I/O"):
                 saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
             with timed("capture"):
@@ -255,9 +255,6 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
     if ckpt is not None:
         with timed("checkpoint I/O"):
             start, saved = ckpt.load(store, arch, report)
-        if not distributed.same_on_every_rank(start, device):
-            raise RuntimeError(f"the ranks found different progress in {ckpt.dir}: under torch.distributed "
-                               "the checkpoint directory must be one that every rank reads (a shared file system)")
         if saved is not None:
             streams = saved
             if distributed.rank() == 0:

@@ -2,6 +2,7 @@
 import os
 import shutil
 import socket
+import time
 
 import pytest
 import torch
@@ -139,6 +140,14 @@ def _resuming_worker(rank, world, port, method, out, ckpt, stop):
                          progress=False, log=lambda *_: None)
     except KeyboardInterrupt:  # torch's spawn would exit 0 on it; a peer would wait in a collective
         os._exit(3)
+    except Exception as exc:
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(str(exc))
+        for _ in range(100):  # let the other ranks write theirs before spawn ends them (10 s at most)
+            if all(os.path.exists(os.path.join(out, f"error{r}.txt")) for r in range(world)):
+                break
+            time.sleep(0.1)
+        raise
     torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
     torch.save(forwards[0], os.path.join(out, f"forwards{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -157,16 +166,18 @@ def test_two_ranks_resume_to_the_uninterrupted_factors(method, tmp_path):
     forwards = min(torch.load(tmp_path / f"forwards{r}.pt") for r in range(2))  # layer forwards of a run
     writes = 1 + 3 * 3  # rank 0: allocation, then per layer factors, streams, progress (rank 1: streams)
     stops = {"ctrl-c": {r: ("ctrl-c", rng.randint(1, forwards)) for r in range(2)},
+             # rank 1's second write (layer 1's streams) comes after layer 0's progress landed
              "killed": {0: ("kill", rng.randint(2, writes), rng.random() < 0.5),
-                        1: ("kill", rng.randint(1, 3), rng.random() < 0.5)}}
+                        1: ("kill", rng.randint(2, 3), rng.random() < 0.5)}}
     for case, stop in stops.items():
         out, ckpt = tmp_path / case, tmp_path / case / "ck"
         out.mkdir()
         with pytest.raises(Exception):  # torch's spawn: a rank ended abnormally
             mp.spawn(_resuming_worker, args=(2, free_port(), method, str(out), str(ckpt), stop), nprocs=2)
         assert not (out / "rank0.pt").exists(), (case, stop)
+        resumes = (ckpt / "progress.json").exists()
         if case == "killed":  # rank 0's first write, the allocation, landed before the layers began
-            assert (ckpt / "allocation.json").exists()
+            assert (ckpt / "allocation.json").exists() and resumes, (stop, os.listdir(ckpt))
             with pytest.raises(RuntimeError, match="processes 2 -> 1"):
                 svdkern.compress(tiny_model("llama", seed=5, layers=3), method, 0.3, calib=calibration(),
                                  batch_size=2, checkpoint_dir=str(ckpt), progress=False, log=lambda *_: None)
@@ -176,7 +187,26 @@ def test_two_ranks_resume_to_the_uninterrupted_factors(method, tmp_path):
             assert got.keys() == want.keys()
             for name in want:
                 assert torch.equal(got[name], want[name]), (case, stop, r, name)
+            if resumes:  # the finished layers were not run again
+                assert torch.load(out / f"forwards{r}.pt") < torch.load(tmp_path / f"forwards{r}.pt"), (case, stop)
         assert not ckpt.exists(), (case, stop)
+
+
+def test_a_rank_that_cannot_resume_stops_every_rank(tmp_path):
+    """One rank's activations lost: that rank says what is missing and the other stops too,
+    saying so (alone, it would wait in its next collective)."""
+    ckpt = tmp_path / "ck"
+    with pytest.raises(Exception):
+        mp.spawn(_resuming_worker, args=(2, free_port(), "svd-llm", str(tmp_path), str(ckpt),
+                                         {0: ("kill", 8, False), 1: ("kill", 3, False)}), nprocs=2)
+    lost = [f for f in os.listdir(ckpt) if f.endswith(".rank1.pt")]
+    assert (ckpt / "progress.json").exists() and lost
+    for name in lost:
+        os.remove(ckpt / name)
+    with pytest.raises(Exception):
+        mp.spawn(_resuming_worker, args=(2, free_port(), "svd-llm", str(tmp_path), str(ckpt), None), nprocs=2)
+    assert "this rank's activations" in (tmp_path / "error1.txt").read_text()
+    assert "another rank could not resume" in (tmp_path / "error0.txt").read_text()
 
 
 def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
@@ -196,6 +226,14 @@ def test_torchrun_runs_the_command_line_on_two_ranks(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved to") == 1  # rank 0 reports and saves
     assert not (tmp_path / "two.partial").exists()  # the ranks' shared checkpoint, removed when done
+    # and it was consulted: another run's checkpoint is refused on both ranks, by name
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "allocation.json").write_text('{"fingerprint": {"batch_size": 4}}')
+    other = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(free_port()), "-m", "svdkern", *common, "--out",
+                            str(tmp_path / "three"), "--checkpoint-dir", str(tmp_path / "other")],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert other.returncode != 0 and other.stderr.count("batch size 4 -> 2") == 2, other.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "svdkern", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]

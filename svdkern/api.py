@@ -59,8 +59,8 @@ def load_model(spec: str, dtype=torch.float32, device=None, offload_dir: str | N
         _forget_gguf(model)
         source_dtype = "quantized"
     elif os.path.isfile(os.path.join(spec, METADATA)):
-        model = load_compressed(spec, dtype=dtype, **({"device": device, "offload_dir": offload_dir,
-                                                       "max_memory": max_memory} if offload_dir else {}))
+        model = load_compressed(spec, dtype=dtype, device=device if offload_dir else None,  # placed below
+                                offload_dir=offload_dir, max_memory=max_memory)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         source_dtype = None
     else:

@@ -26,8 +26,8 @@ class Checkpoint:
     """Per-layer factors, the stream activations and the report so far, so a run resumes.
 
     Every file is written under a temporary name and renamed; progress.json is renamed last and
-    names the stream file it goes with, so a process killed at any instant leaves a consistent
-    state: the last layer whose progress.json landed. Under torch.distributed the directory is
+    its layer names the stream file it goes with (`_stream_file`), so a process killed at any
+    instant leaves a consistent state: the last layer whose progress.json landed. Under torch.distributed the directory is
     shared: each rank keeps its own streams (streams_NNNN.rankR.pt), rank 0 writes the rest, and
     barriers order the writes (`save`) so ranks killed at different instants still agree.
     """

@@ -47,7 +47,8 @@ setup(
     version="0.1.0",
     description="Low-rank compression of LLMs (SVD-LLM family) with fused kernels",
     packages=find_packages(include=["svdkern", "svdkern.*"]),
-    package_data={"svdkern.backends": ["configs/*.json"]},  # tuned kernel configs per GPU
+    package_data={"svdkern.backends": ["configs/*.json"],  # tuned kernel configs per GPU
+                  "svdkern": ["wikitext2/*"]},  # the WikiText-2 files the defaults read (CC BY-SA 3.0)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

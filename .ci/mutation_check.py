@@ -11,7 +11,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_method_oracles.py", "tests/test_solvers.py", "tests/test_pipeline.py",
-         "tests/test_resume.py"]
+         "tests/test_resume.py", "tests/test_tune.py", "tests/test_allocation.py"]
 
 # name -> (file, original text, mutated text)
 MUTANTS = {
@@ -47,6 +47,36 @@ MUTANTS = {
         "svdkern/checkpoint.py", 'os.path.join(self.dir, _stream_file(progress["next_layer"] - 1))',
         'os.path.join(self.dir, sorted(f for f in os.listdir(self.dir) if f.startswith("streams_") '
         'and f.endswith(".pt"))[-1])'),
+    # end-to-end tuning (tune.py, head.py)
+    "tuning keeps its last epoch, not the best held-out one": (
+        "svdkern/tune.py", '    copy_to_model(state["best_params"])', "    pass"),
+    "tuning resume forgets the optimizer state": (
+        "svdkern/tune.py", '                opt.load_state_dict(state["optimizer"])', "                pass"),
+    "tuning trains the norms without being asked": (
+        "svdkern/tune.py", '        elif norms and "norm" in type(module).__name__.lower():',
+        '        elif "norm" in type(module).__name__.lower():'),
+    "tuning's KL drops the top-k term": (
+        "svdkern/tune.py", "kl = (logp.exp() * (logp - q_top)).sum(-1)", "kl = (logp.exp() * (logp - q_top)).sum(-1) * 0"),
+    "the chunked head forgets Gemma's logit soft-capping": (
+        "svdkern/head.py", "    if cap:", "    if False:"),
+    # rank alignment gives back what rounding frees, within the budget (allocation.py)
+    "alignment gives nothing back": (
+        "svdkern/allocation.py", "    candidates = [n for n, a in steps.items() if a > 1]", "    candidates = []"),
+    "alignment overshoots the budget": (
+        "svdkern/allocation.py", "if spent + steps[n] * (by_name[n].m + by_name[n].n) <= budget",
+        "if spent + steps[n] * (by_name[n].m + by_name[n].n) <= budget * 1.01"),
+    "alignment ignores the importances": (
+        "svdkern/allocation.py", "        if importance is not None:", "        if False:"),
+    # AA-SVD (presets.py, refine.py, pipeline.py)
+    "aa-svd whitens with the compressed stream": (
+        "svdkern/pipeline.py", '                    if cfg.gram_stream == "fp":', "                    if False:"),
+    "aa-svd's schedule decays to 0, not 0.1": (
+        "svdkern/refine.py", "    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))",
+        "    return 0.5 * (1 + math.cos(math.pi * progress))"),
+    "aa-svd refines only the factors": (
+        "svdkern/refine.py", '"aa-svd": Recipe(train_all=True,', '"aa-svd": Recipe(train_all=False,'),
+    "aa-svd keeps its best state": (
+        "svdkern/refine.py", "                if now < best or not recipe.keep_best:", "                if now < best:"),
 }
 # the generic "all Grams first" mutant needs the untouched layer at hand
 SETUP = {"sc computes all group Grams before replacing any group (generic driver)": (

@@ -25,7 +25,7 @@ from _common import RESULTS, provenance
 CHILD = """
 import gc, json, sys, time, torch, svdkern
 from svdkern.data import load_text, token_windows, tokenize
-from svdkern.preflight import peak_rss, proc_bytes, reset_peak_rss
+from svdkern.host import peak_rss, proc_bytes, reset_peak_rss
 path, src, out, nsamples, seqlen = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(src)

@@ -94,7 +94,7 @@ def child(scale: int, layers: int, nsamples: int, seqlen: int, device: str) -> d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import svdkern
-    from svdkern.preflight import proc_bytes
+    from svdkern.host import proc_bytes
 
     hidden, inter, kv, _, vocab = SHAPES["LLaMA-7B"]
     cfg = AutoConfig.for_model("llama", hidden_size=hidden // scale, intermediate_size=inter // scale,

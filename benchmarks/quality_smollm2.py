@@ -28,14 +28,17 @@ ROWS_FILE = os.path.join(RESULTS, "quality_smollm2.jsonl")
 ROWS = {
     "svd": ("svd", {}), "svd-llm": ("svd-llm", {}), "sc-svd-llm": ("sc-svd-llm", {}),
     "ep-svd-llm": ("ep-svd-llm", {}), "erc-svd": ("erc-svd", {"plc_samples": 32}),
-    "saes-svd": ("saes-svd", {}), DEFAULT_METHOD: (DEFAULT_METHOD, {}),
+    "saes-svd": ("saes-svd", {}), "aa-svd": ("aa-svd", {}), DEFAULT_METHOD: (DEFAULT_METHOD, {}),
 }
 ABLATION = {
     "ep-svd-llm + α per matrix (held-out)": ("ep-svd-llm", {"beta_grid": (0.0, 0.25, 0.5, 0.75, 1.0)}),
     "ep-svd-llm + sensitivity ranks": ("ep-svd-llm", {"layer_policy": None, "sensitivity_samples": None}),
     "ep-svd-llm + block refinement": ("ep-svd-llm", {"refine_epochs": None}),
+    "ep-svd-llm + end-to-end tuning": ("ep-svd-llm", {"tune_epochs": 2}),
+    "best + end-to-end tuning": ("best", {"tune_epochs": 2}),
 }
-PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD)
+PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD, "ep-svd-llm + end-to-end tuning",
+         "best + end-to-end tuning")
 PLOTTED = ("svd-llm", "ep-svd-llm", "erc-svd", DEFAULT_METHOD)
 # Reference points (issue 4): the public EP-SVD-LLM reference implementation, same protocol.
 REFERENCE = {"svd-llm": (86.5, 232.7, 874.0), "sc-svd-llm": (87.5, 186.5, 616.6),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backends import gram_impl, torch_ops, use_triton_lowrank
+from .gram import check_finite_gram
 
 _lib = torch.library.Library("svdkern", "DEF")
 _lib.define("lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor? bias=None) -> Tensor")
@@ -80,7 +81,7 @@ def lowrank_linear(x, U, V, bias=None):
 
 
 def gram_accumulate(H, X):
-    """H += XᵀX in place, lower triangle only (read it with `svdkern.stats.symmetrize`).
+    """H += XᵀX in place, lower triangle only (read it with `svdkern.gram.symmetrize`).
 
     Args:
         H: (n, n) fp32 or fp64 accumulator, mutated.
@@ -115,8 +116,6 @@ def cholesky_whiten(H, damp_rel=1e-6, max_damp_rel=1e-2):
     Returns (L, damp). Raises NotPositiveDefiniteError past max_damp_rel; NaN/Inf raise
     GramNotFiniteError. Apply P⁻¹ by triangular solves (svdkern.solvers.whiten), never an inverse.
     """
-    from .solvers.whiten import check_finite_gram
-
     check_finite_gram(H)
     return torch.ops.svdkern.cholesky_whiten(H, float(damp_rel), float(max_damp_rel))
 

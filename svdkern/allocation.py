@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .solvers.rank import RatioError, rank_for_ratio
+from .solvers.rank import RatioError, align_step, rank_for_ratio
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,40 @@ def fit_budget(shapes, ranks: dict, budget: int) -> dict:
         name = max(trimmable, key=lambda n: ranks[n] * (by_name[n].m + by_name[n].n) / (by_name[n].m * by_name[n].n))
         ranks[name] -= 1
     return ranks
+
+
+def align_within_budget(shapes: list[MatrixShape], ranks: dict, align, budget: int,
+                        importance: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """(aligned ranks, {name: rank before alignment}) for the GPU kernels' aligned loads.
+
+    Each rank is rounded down to its multiple (solvers.rank.align_step), then what that frees is
+    given back: whole steps of `align`, to the matrices whose next step is worth most (by
+    `importance` per parameter when given, else by the parameters rounding took from them), while
+    the total stays within `budget` and every matrix below its break-even rank. So the achieved
+    ratio is the one asked for, within one step of the smallest aligned matrix.
+    """
+    by_name = {s.name: s for s in shapes}
+    steps = {n: align_step(r, align) for n, r in ranks.items() if r is not None}
+    out = {n: (r if r is None else r // steps[n] * steps[n]) for n, r in ranks.items()}
+    spent = total_kept(shapes, out)
+
+    def worth(name: str) -> float:
+        s, r, a = by_name[name], out[name], steps[name]
+        if importance is not None:
+            imp = importance[name]
+            return float(imp[r:r + a].sum()) / (a * (s.m + s.n))
+        return (ranks[name] - r) * (s.m + s.n) / (a * (s.m + s.n))
+
+    candidates = [n for n, a in steps.items() if a > 1]
+    while True:
+        fits = [n for n in candidates if spent + steps[n] * (by_name[n].m + by_name[n].n) <= budget
+                and out[n] + steps[n] <= break_even_rank(by_name[n].m, by_name[n].n)]
+        if not fits:
+            break
+        name = max(fits, key=lambda n: (worth(n), -candidates.index(n)))
+        out[name] += steps[name]
+        spent += steps[name] * (by_name[name].m + by_name[name].n)
+    return out, {n: ranks[n] for n in steps if out[n] != ranks[n]}
 
 
 def water_fill(shapes: list[MatrixShape], budget: int, importance: dict[str, torch.Tensor],

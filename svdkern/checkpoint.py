@@ -112,6 +112,37 @@ class Checkpoint:
         if distributed.rank() == 0:  # every rank allocated the same ranks
             _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
 
+    def load_targets(self):
+        """The dense model's tuning targets this rank saved (tune.DenseTargets), or None."""
+        from .tune import DenseTargets
+
+        path = os.path.join(self.dir, _rank_file("tune_targets"))
+        saved = self._on_every_rank(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)
+        if saved is None:
+            return None
+        self._check(saved["fingerprint"])
+        return DenseTargets.from_dict(saved["targets"])
+
+    def save_targets(self, targets) -> None:
+        record = {"fingerprint": self.fingerprint, "targets": targets.to_dict()}
+        _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, _rank_file("tune_targets")))
+
+    def load_tuning(self):
+        """The end-to-end tuning state after its last finished epoch (the same on every rank), or None."""
+        path = os.path.join(self.dir, "tune_state.pt")
+        saved = self._on_every_rank(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)
+        self._same_on_every_rank(None if saved is None else saved["state"]["epoch"])
+        if saved is None:
+            return None
+        self._check(saved["fingerprint"])
+        return saved["state"]
+
+    def save_tuning(self, state: dict) -> None:
+        if distributed.rank() == 0:  # every rank holds the same state
+            record = {"fingerprint": self.fingerprint, "state": state}
+            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "tune_state.pt"))
+        distributed.barrier()
+
     def _check(self, saved: dict) -> None:
         changed = _differences(saved, self.fingerprint)
         if changed:
@@ -129,12 +160,12 @@ class Checkpoint:
         distributed.barrier()
 
     def _remove_files(self) -> None:
-        for name in ("progress.json", "allocation.json"):  # first: a kill midway leaves no dangling progress
+        for name in ("progress.json", "allocation.json", "tune_state.pt"):  # first: no dangling progress
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
         for name in os.listdir(self.dir):
             base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
-            if base.startswith(("layer_", "streams_")) or base in ("progress.json", "allocation.json"):
+            if base.startswith(("layer_", "streams_", "tune_")) or base in ("progress.json", "allocation.json"):
                 os.remove(os.path.join(self.dir, name))
         if not os.listdir(self.dir):
             os.rmdir(self.dir)
@@ -170,8 +201,13 @@ class Checkpoint:
 
 def _stream_file(index: int) -> str:
     """This rank's activations after layer `index`."""
+    return _rank_file(f"streams_{index:04d}")
+
+
+def _rank_file(stem: str) -> str:
+    """`stem`.pt, or `stem`.rankR.pt under torch.distributed (a file each rank keeps for itself)."""
     rank = f".rank{distributed.rank()}" if distributed.world() > 1 else ""
-    return f"streams_{index:04d}{rank}.pt"
+    return f"{stem}{rank}.pt"
 
 
 def _write_json(record, path):

@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine-lr", type=float, default=None, help="block refinement step size")
     c.add_argument("--holdout-batches", type=int, default=None,
                    help="calibration micro-batches held out to choose alpha and refinement steps")
+    c.add_argument("--tune-epochs", type=int, default=None,
+                   help="end-to-end tuning after the layer-wise solve: epochs of AdamW on the factors toward "
+                        "the dense model's next-token distributions (0 = off; needs the model in memory)")
+    c.add_argument("--tune-lr", type=float, default=None, help="end-to-end tuning peak learning rate")
+    c.add_argument("--tune-batch", type=int, default=None, help="end-to-end tuning: windows per step")
+    c.add_argument("--tune-holdout", type=int, default=None,
+                   help="end-to-end tuning: last calibration windows held out to choose the kept epoch")
+    c.add_argument("--tune-topk", type=int, default=None,
+                   help="end-to-end tuning: dense tokens per position kept as targets (the rest is one bucket)")
+    c.add_argument("--tune-norms", action="store_true", default=None,
+                   help="end-to-end tuning also trains norm weights and the compressed linears' biases")
     _add_run_args(c)
     c.add_argument("--rank-align", type=_parse_align, default=None, metavar="auto|1|8|16|32|64",
                    help="round ranks down to a multiple of this for aligned GPU kernel loads (the "
@@ -140,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--dense", action="store_true", help="also answer with the source model")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="continue the prompt as plain text (default: through the tokenizer's chat template, "
+                        "when it has one)")
     _add_run_args(g)
     return p
 
@@ -172,18 +186,16 @@ def _check_run_args(args, data_sources=()) -> None:
     check_positive(batch_size=args.batch_size, nsamples=getattr(args, "nsamples", None),
                    eval_windows=getattr(args, "eval_windows", None), windows=getattr(args, "windows", None))
     for source in data_sources:
-        check_text_source(source)
-    if _needs_hub(args.model, data_sources):
+        check_text_source(source, args.seqlen)
+    if _needs_hub(args.model):
         go_offline_if_unreachable()
     check_model_source(args.model)
     check_context_early(args.model, args.seqlen)
 
 
-def _needs_hub(model: str, data_sources) -> bool:
-    local_model = model == "smollm2" or os.path.exists(os.path.expanduser(model))
-    data_dir = os.environ.get("SVDKERN_DATA_DIR")
-    local_data = bool(data_dir) and os.path.isdir(os.path.join(data_dir, "wikitext2"))
-    return not local_model or ("wikitext2" in data_sources and not local_data)
+def _needs_hub(model: str) -> bool:
+    """Whether the model comes from the hub (WikiText-2 ships with svdkern; other texts are files)."""
+    return not (model == "smollm2" or os.path.exists(os.path.expanduser(model)))
 
 
 def _check_fits(model, args, stream, eval_batch) -> None:
@@ -228,21 +240,38 @@ def cmd_compress(args) -> int:
     if os.path.exists(out) and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite or another --out", file=sys.stderr)
         return 2
+    from .io import check_replaceable
+
+    try:
+        check_replaceable(os.path.abspath(out), args.overwrite)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     knobs = {"beta": args.alpha, "residual_beta": args.beta, "aces_range": args.aces_range,
              "plc_step": args.plc_step, "plc_samples": args.plc_samples, "whitening": args.whitening,
              "beta_grid": args.alpha_grid, "layer_policy": args.policy,
              "sensitivity_samples": args.sensitivity_samples, "min_rank_fraction": args.min_rank_fraction,
              "refine_epochs": args.refine_epochs, "refine_lr": args.refine_lr,
-             "holdout_batches": args.holdout_batches, "rank_align": args.rank_align}
+             "holdout_batches": args.holdout_batches, "rank_align": args.rank_align,
+             "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr, "tune_batch": args.tune_batch,
+             "tune_holdout": args.tune_holdout, "tune_topk": args.tune_topk, "tune_norms": args.tune_norms}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     cfg = config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
     if args.stream_from_disk:
+        if cfg.tune_epochs:
+            raise PreflightError("end-to-end tuning trains the whole model at once, so it cannot stream layers from "
+                                 "disk: drop --stream-from-disk (the compressed model must fit in memory) or pass "
+                                 "--tune-epochs 0")
         return _compress_streamed(args, cfg, knobs, out, device)
     _check_run_args(args, [args.calib] + ([] if args.no_eval else ["wikitext2"]))
     check_model_fits(args.model, DTYPES[args.dtype].itemsize)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
     _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
+    if cfg.whitening is not None:  # a text too short for the windows fails now, not after the dense evaluation
+        from .data import calibration_windows
+
+        calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, args.sampler)
     ckpt = None if args.no_checkpoint else args.checkpoint_dir or out.rstrip("/") + ".partial"
     windows = None
     if not args.no_eval and lead:
@@ -368,8 +397,10 @@ def _zero_shot(args, device) -> int:
 
 
 def cmd_info(args) -> int:
+    from .io import check_directory
     from .report import plot, read_metadata, summary
 
+    check_directory(args.directory)  # the checks `load` makes: a truncated weights file is an error here too
     meta = read_metadata(args.directory)
     print(json.dumps(meta, indent=1) if args.json else summary(args.directory, meta))
     if args.plot:
@@ -419,7 +450,7 @@ def cmd_generate(args) -> int:
     for name in names:
         _check_run_args(argparse.Namespace(**{**vars(args), "model": name, "seqlen": 2}))
         model, tokenizer = load_model(name, DTYPES[args.dtype], device)
-        if tokenizer.chat_template:
+        if tokenizer.chat_template and not args.no_chat_template:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                 add_generation_prompt=True, return_tensors="pt", return_dict=True)
             ids = ids["input_ids"]

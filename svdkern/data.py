@@ -1,11 +1,13 @@
 """Text sources and token windows for calibration and evaluation.
 
-`wikitext2` resolves, in order, to the local copy under $SVDKERN_DATA_DIR/wikitext2/, the
-Hugging Face dataset (online), and, offline with neither, the English documentation text that
-ships with Python (with a warning). Any other source is a path to a plain text file.
+`wikitext2` is the copy packaged with svdkern (svdkern/wikitext2/, gzip-compressed, with its
+license and attribution), so every machine measures the same text, offline included;
+$SVDKERN_DATA_DIR/wikitext2/ overrides it. Any other source is a path to a plain text file.
+Python's own documentation text (`offline_english_text`) is a second, unrelated English text.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import warnings
@@ -15,6 +17,7 @@ import torch
 
 # split -> (local file, Hugging Face split). The dev protocol calibrates on the validation
 # split (the only one shipped locally) and evaluates on the raw test split.
+PACKAGED = Path(__file__).resolve().parent / "wikitext2"
 _WIKITEXT2 = {"test": ("wiki.test.raw", "test"), "calibration": ("wiki.valid.tokens", "validation")}
 
 
@@ -40,21 +43,13 @@ def text_source(source: str, split: str) -> tuple[str, str]:
         path = Path(data_dir) / "wikitext2" / filename
         if path.is_file():
             return path.read_text(encoding="utf-8"), f"WikiText-2 {hf_split} ({path})"
-        warnings.warn(f"SVDKERN_DATA_DIR is set but {path} does not exist; trying Hugging Face")
-    try:
-        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ConnectionError("offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)")
-        import datasets
-
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
-        return "\n\n".join(rows), f"WikiText-2 {hf_split} (Hugging Face datasets)"
-    except Exception as exc:  # offline, or datasets missing: fall back, loudly
-        warnings.warn(
-            f"WikiText-2 is not available ({type(exc).__name__}: {exc}); using Python's bundled "
-            "documentation text (pydoc_data.topics) instead. Numbers will not be comparable to "
-            "WikiText-2 results: set SVDKERN_DATA_DIR or go online."
-        )
-        return offline_english_text(), "Python's documentation text (pydoc_data.topics), not WikiText-2"
+        warnings.warn(f"SVDKERN_DATA_DIR is set but {path} does not exist; using the copy packaged with svdkern")
+    packaged = PACKAGED / (filename + ".gz")
+    if not packaged.is_file():
+        raise DataError(f"svdkern's packaged WikiText-2 ({packaged}) is missing: reinstall svdkern, or set "
+                        "SVDKERN_DATA_DIR to a directory holding wikitext2/" + filename)
+    with gzip.open(packaged, "rt", encoding="utf-8") as f:
+        return f.read(), f"WikiText-2 {hf_split} (packaged with svdkern)"
 
 
 def offline_english_text() -> str:

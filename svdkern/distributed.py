@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .nn import LowRankLinear, install
+
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -74,9 +76,6 @@ def share_solves(layer, prefix: str, owners: list, report) -> None:
     (module name in `layer`, rank that solved it), broadcast from their solvers in that order."""
     if world() == 1 or not owners:
         return
-    from .blocks import install
-    from .nn import LowRankLinear
-
     fields = ("ranks", "residual_ranks", "betas", "truncation", "aligned_ranks", "damping")
     for name, owner in owners:
         module = layer.get_submodule(name)

@@ -19,7 +19,20 @@ from .hf_quantizer import FORMAT_VERSION, QUANT_METHOD, CheckpointError, mark_co
 
 WEIGHTS = "model.safetensors"
 METADATA = "svdkern.json"
-__all__ = ["CheckpointError", "load", "save", "save_dtype", "save_streamed"]
+__all__ = ["CheckpointError", "check_replaceable", "load", "save", "save_dtype", "save_streamed"]
+
+
+def check_replaceable(directory: str, overwrite: bool) -> None:
+    """Refuse to write over `directory` unless asked to, and then only over an svdkern output (or
+    an empty directory): overwrite must never delete a user's unrelated files."""
+    if not os.path.exists(directory):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if os.path.isdir(directory) and (not os.listdir(directory) or os.path.isfile(os.path.join(directory, METADATA))):
+        return
+    raise FileExistsError(f"{directory} is not an svdkern output (no {METADATA}), so overwrite will not delete "
+                          "it: choose another output directory, or remove it yourself")
 
 
 def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=None) -> str:
@@ -30,8 +43,7 @@ def save(model, directory: str, tokenizer=None, overwrite: bool = False, dtype=N
     default `save_dtype(model)`.
     """
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_replaceable(directory, overwrite)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
@@ -65,8 +77,7 @@ def save_streamed(model, store, directory: str, tokenizer=None, overwrite: bool 
     from .layer_store import write_index
 
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_replaceable(directory, overwrite)
     work, dtype = store.out_dir, store.save_dtype
     config = mark_compressed(model)
     inside, seen, rest = store.layers_path + ".", set(), {}
@@ -102,7 +113,7 @@ def _write_metadata(model, directory: str, dtype, config) -> None:
             "model_ratio": report.model_ratio, "seconds": report.seconds, "plc": report.plc,
             "residual_ranks": report.residual_ranks, "betas": report.betas,
             "damping": report.damping, "aligned_ranks": report.aligned_ranks,
-            "truncation": report.truncation, "layer_ranks": report.ranks},
+            "truncation": report.truncation, "layer_ranks": report.ranks, "tune": report.tune},
     }
     with open(os.path.join(directory, METADATA), "w") as f:
         json.dump(meta, f, indent=1, default=str)
@@ -161,19 +172,11 @@ def offload_kwargs(device, offload_dir: str, max_memory: str | None = None) -> d
     return {"device_map": "auto", "offload_folder": offload_dir, "max_memory": budget}
 
 
-def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = None,
-         offload_dir: str | None = None, max_memory: str | None = None):
-    """A transformers model whose compressed layers are LowRankLinear, from `save`'s directory.
-
-    The short path to `AutoModelForCausalLM.from_pretrained(directory)` (the same quantizer),
-    with every mismatch turned into a CheckpointError that says what is wrong.
-    pad_ranks_to: pad each factor pair with zeros to a multiple of this rank (exact, but stored),
-    for aligned GPU kernel loads of factors saved unaligned (blocks.pad_ranks).
-    offload_dir: for a model larger than memory, layers beyond `max_memory` (default: what is
-    free) are read from this folder during the forward (`offload_kwargs`).
-    """
+def check_directory(directory: str) -> None:
+    """What `load` checks before loading, as a CheckpointError that says what is wrong: the files,
+    the format version, every weights shard readable and whole, the factors' shapes against the
+    ranks (`svdkern info` runs it too, so a truncated file is not reported as a normal model)."""
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM
 
     directory = os.fspath(directory)
     meta_path, config_path = os.path.join(directory, METADATA), os.path.join(directory, "config.json")
@@ -213,6 +216,23 @@ def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = Non
             raise CheckpointError(f"the weights lack {name}.U, which config.json's ranks list")
         if got[1] != rank:
             raise CheckpointError(f"{name}.U: checkpoint shape {got} does not match rank {rank} in config.json")
+
+
+def load(directory: str, device=None, dtype=None, pad_ranks_to: int | None = None,
+         offload_dir: str | None = None, max_memory: str | None = None):
+    """A transformers model whose compressed layers are LowRankLinear, from `save`'s directory.
+
+    The short path to `AutoModelForCausalLM.from_pretrained(directory)` (the same quantizer),
+    with every mismatch turned into a CheckpointError that says what is wrong.
+    pad_ranks_to: pad each factor pair with zeros to a multiple of this rank (exact, but stored),
+    for aligned GPU kernel loads of factors saved unaligned (blocks.pad_ranks).
+    offload_dir: for a model larger than memory, layers beyond `max_memory` (default: what is
+    free) are read from this folder during the forward (`offload_kwargs`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = os.fspath(directory)
+    check_directory(directory)
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
     if offload_dir is not None:
         if pad_ranks_to is not None:

@@ -18,10 +18,9 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .blocks import install
 from .clock import timed
 from .models import Architecture, set_submodule
-from .nn import LowRankLinear
+from .nn import LowRankLinear, install
 
 
 class LayerStore:

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import use_triton_lowrank
+from .models import set_submodule
 
 
 class LowRankLinear(nn.Module):
@@ -70,3 +71,11 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:
+    """Replace `layer`'s linear `name` by LowRankLinear factors U, V (its bias kept), in its dtype."""
+    bias = linear.bias.detach() if linear.bias is not None else None
+    new = LowRankLinear.from_factors(U.to(linear.weight.dtype), V.to(linear.weight.dtype), bias,
+                                     dtype=linear.weight.dtype)
+    set_submodule(layer, name, new)

@@ -16,24 +16,24 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .blocks import (LayerInputs, capture_layer_inputs, group_grams, input_of,
-                     install, propagate, run_layer)
+from .blocks import LayerInputs, capture_layer_inputs, group_grams, input_of, propagate, run_layer
 from . import distributed
 from .checkpoint import Checkpoint, fingerprint
 from .clock import StageClock, timed
 from .layer_store import LayerStore
 from .models import Architecture, architecture_of
-from .nn import LowRankLinear
-from .policy import allocate
-from .preflight import peak_rss, reset_peak_rss
+from .nn import LowRankLinear, install
+from .allocation import uniform_ranks
+from .policy import aligned, allocate, matrix_shapes
+from .host import peak_rss, reset_peak_rss
 from .presets import CompressionConfig
-from .refine import refine_block
+from .refine import RECIPES, refine_block
 from .solvers.aces import aces_beta, aces_coefficients
 from .solvers.factorize import factors_from_svd, svd_of, target, truncation_error
-from .solvers.rank import (RatioError, aligned_rank, check_saves_parameters, rank_for_ratio,
-                          residual_rank)
+from .solvers.rank import RatioError, check_saves_parameters, residual_rank
 from .solvers.select import select_beta
 from .solvers.whiten import whiten
+from .tune import dense_targets, tune_end_to_end
 from .staged import LlamaStages, stageable, staged_matches_layer
 from .stats import CrossStats, GramStats
 
@@ -48,7 +48,8 @@ class CompressionReport:
     plc: dict | None = None                          # ERC search: candidate k -> error, chosen k
     refine: dict = field(default_factory=dict)       # layer -> block error before/after, steps
     allocation: dict = field(default_factory=dict)   # module name -> rank from the policy (None: dense)
-    aligned_ranks: dict = field(default_factory=dict)  # module name -> rank before rank_align lowered it
+    aligned_ranks: dict = field(default_factory=dict)  # module name -> rank before rank_align moved it
+    tune: dict = field(default_factory=dict)           # end-to-end tuning: held-out KL before/after, epochs
     truncation: dict = field(default_factory=dict)     # module name -> tail energy share of its target
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)  # this process's time per stage (clock.py)
@@ -82,8 +83,8 @@ class CompressionReport:
                 f"ratio {self.block_ratio:.4f} over the compressed decoder linears, "
                 f"{self.model_ratio:.4f} over the whole model; {self.seconds:.1f} s, "
                 f"peak memory {gib:.2f} GiB"
-                + (f"; {len(self.aligned_ranks)} ranks rounded down to aligned sizes for the GPU "
-                   "kernels" if self.aligned_ranks else "") + self.stages_line())
+                + (f"; {len(self.aligned_ranks)} ranks moved to aligned sizes for the GPU kernels, "
+                   "within the budget" if self.aligned_ranks else "") + self.stages_line())
 
 
 # ----------------------------------------------------------------------------- per-group solve
@@ -113,9 +114,7 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
         linear = layer.get_submodule(name)
         W = linear.weight.detach()
         m, n = W.shape
-        rank = aligned_rank(ranks[prefix + name], cfg.rank_align)
-        if rank != ranks[prefix + name]:
-            report.aligned_ranks[prefix + name] = ranks[prefix + name]
+        rank = ranks[prefix + name]  # aligned for the kernels already (policy.allocate)
         check_saves_parameters(m, n, rank, prefix + name)
         rr = residual_rank(m, n, rank, cfg.residual_beta)
         beta = cfg.beta
@@ -165,6 +164,10 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload) if offload is not None else torch.device("cpu")
     store = store if store is not None else LayerStore(layers, device, offload)
+    if cfg.tune_epochs and store.writes_factors:
+        raise ValueError("end-to-end tuning trains the whole model at once: it cannot stream layers from "
+                         "disk. Drop --stream-from-disk (the compressed model must fit in memory) or set "
+                         "--tune-epochs 0")
     report = CompressionReport(config=cfg.to_dict())
     report.block_params_before = block_linear_params(layers, arch)
     report.model_params_before = sum(p.numel() for p in model.parameters())
@@ -176,7 +179,10 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     reset_peak_rss()  # the host's peak from here on, not the model's loading
     with torch.no_grad(), clock.activate():
         if cfg.whitening is None:
-            _plain_svd(store, arch, cfg, report, progress)
+            shapes = matrix_shapes(layers, arch)
+            ranks, details = aligned(shapes, uniform_ranks(shapes, cfg.ratio), {}, cfg)
+            report.aligned_ranks = details["aligned_from"]
+            _plain_svd(store, arch, cfg, report, ranks, progress)
         else:
             _check_calibration_size(windows, layers[0], arch)
             calibration = windows  # all ranks' (the sensitivity pass takes its sample from it)
@@ -199,9 +205,16 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
             else:
                 ranks, details = saved
             report.allocation = ranks
+            report.aligned_ranks = dict(details.get("aligned_from", {}))
+            details = {k: v for k, v in details.items() if k != "aligned_from"}
             if cfg.layer_policy == "plc":
                 report.plc = details
+            targets = (_tuning_targets(model, store, inputs, calibration, cfg, batch_size, device, offload, ckpt,
+                                       progress) if cfg.tune_epochs else None)
             _sequential(store, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
+            if cfg.tune_epochs:
+                del inputs  # the layer-wise streams are done with; tuning runs whole windows
+                _tune(model, calibration, targets, cfg, batch_size, device, ckpt, report, progress, log)
             if ckpt is not None:
                 with timed("checkpoint I/O"):
                     ckpt.remove()
@@ -219,6 +232,35 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     return report
 
 
+def _tuning_targets(model, store, inputs, windows, cfg, batch_size, device, offload, ckpt, progress):
+    """The dense model's next-token targets for end-to-end tuning: computed before any layer is
+    compressed (or read back from the checkpoint of an interrupted run)."""
+    with timed("checkpoint I/O"):
+        targets = ckpt.load_targets() if ckpt is not None else None
+    if targets is None:
+        with timed("tuning"):
+            targets = dense_targets(model, store, inputs, windows, cfg.tune_topk, batch_size, device, offload,
+                                    progress)
+        if ckpt is not None:
+            with timed("checkpoint I/O"):
+                ckpt.save_targets(targets)
+    return targets
+
+
+def _tune(model, windows, targets, cfg, batch_size, device, ckpt, report, progress, log):
+    with timed("checkpoint I/O"):
+        saved = ckpt.load_tuning() if ckpt is not None else None
+    if saved is not None and distributed.rank() == 0:
+        log(f"resuming end-to-end tuning after epoch {saved['epoch']} of {cfg.tune_epochs}")
+    model.to(device)  # the compressed model, whole, on the compute device
+    with timed("tuning"), torch.enable_grad():
+        result = tune_end_to_end(model, windows, targets, cfg, batch_size, device, saved,
+                                 ckpt.save_tuning if ckpt is not None else None, progress, log)
+    report.tune = {"held_out_kl_before": result.before, "held_out_kl_after": result.after,
+                   "kept_epoch": result.kept_epoch, "history": result.history, "steps": result.steps,
+                   "trained_parameters": result.trained}
+
+
 def _check_calibration_size(windows, layer0, arch):
     widest = max(layer0.get_submodule(g[0]).in_features for g in arch.groups)
     if windows.numel() < widest:
@@ -227,17 +269,13 @@ def _check_calibration_size(windows, layer0, arch):
             f"({widest}): its Gram matrix would be singular. Raise nsamples or seqlen.")
 
 
-def _plain_svd(store: LayerStore, arch, cfg, report, progress):
+def _plain_svd(store: LayerStore, arch, cfg, report, ranks, progress):
     for i in tqdm(range(len(store)), desc="svd", unit="layer", disable=not progress):
         layer = store.fetch(i)
         for group in arch.groups:
             for name in group:
                 linear = layer.get_submodule(name)
-                m, n = linear.weight.shape
-                wanted = rank_for_ratio(m, n, cfg.ratio, f"layer {i} {name}")
-                rank = aligned_rank(wanted, cfg.rank_align)
-                if rank != wanted:
-                    report.aligned_ranks[f"{i}.{name}"] = wanted
+                rank = ranks[f"{i}.{name}"]
                 with timed("solves"):
                     svd = svd_of(target(linear.weight, None), cfg.svd_dtype)
                     report.truncation[f"{i}.{name}"] = truncation_error(svd, rank)
@@ -302,7 +340,11 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
                         x_hat = lambda b, lead=group[0]: input_of(  # noqa: E731
                             layer, lead, streams["compressed"][b].to(device), kwargs[b])
                     holdout = _holdout(cfg, global_batches) if cfg.beta_grid else 0
-                    H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_inputs, g,
+                    if cfg.gram_stream == "fp":  # the original model's activations whiten (AA-SVD's obj2)
+                        x_hat, fp_stats = (lambda b, g=g: fp_inputs.get(g, b).to(device)), None
+                    else:
+                        fp_stats = fp_inputs
+                    H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_stats, g,
                                                       x_hat, len(kwargs), device, prefix + group[0], holdout,
                                                       global_batches)
                     with timed("solves"):
@@ -339,7 +381,8 @@ def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
         total = distributed.summed_count(len(inputs), device)  # all ranks' micro-batches
         holdout = min(cfg.holdout_batches, total - 1)  # one batch: it fits and selects
         result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
-                              lr=cfg.refine_lr, holdout=holdout, device=device, global_batches=total)
+                              lr=cfg.refine_lr, holdout=holdout, device=device, global_batches=total,
+                              recipe=RECIPES[cfg.refine_recipe])
         report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
                                 "selection": result.selection}
 

@@ -19,8 +19,10 @@ import math
 from tqdm.auto import tqdm
 
 from . import distributed
-from .allocation import MatrixShape, budget_of, fit_budget, uniform_ranks, v2_ranks, water_fill
-from .blocks import group_grams, install, propagate
+from .allocation import (MatrixShape, align_within_budget, budget_of, fit_budget, uniform_ranks, v2_ranks,
+                         water_fill)
+from .blocks import group_grams, propagate
+from .nn import install
 from .sensitivity import output_fisher, whitened_spectra
 from .solvers.factorize import factors_from_svd, svd_of, target
 from .solvers.rank import plc_candidates, plc_layer_ratio, rank_for_ratio, residual_rank
@@ -38,14 +40,28 @@ def matrix_shapes(layers, arch) -> list[MatrixShape]:
 
 def allocate(model, store, arch, windows, inputs, cfg, device, offload, batch_size, progress,
              log) -> tuple[dict, dict]:
-    """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`; `store` holds the
-    layers (layer_store.py)."""
-    layers = store.layers
-    shapes = matrix_shapes(layers, arch)
+    """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`, aligned to
+    `cfg.rank_align` within the same budget (details["aligned_from"]: the ranks before); `store`
+    holds the layers (layer_store.py)."""
+    shapes = matrix_shapes(store.layers, arch)
     if cfg.layer_policy == "uniform":
-        return uniform_ranks(shapes, cfg.ratio), {}
-    if cfg.layer_policy == "plc":
-        return plc_search(store, arch, cfg, inputs, device, offload, progress, log)
+        ranks, details, importance = uniform_ranks(shapes, cfg.ratio), {}, None
+    elif cfg.layer_policy == "plc":
+        (ranks, details), importance = plc_search(store, arch, cfg, inputs, device, offload, progress, log), None
+    else:
+        ranks, details, importance = _spectral(model, store, arch, shapes, windows, inputs, cfg, device, offload,
+                                               batch_size, progress, log)
+    return aligned(shapes, ranks, details, cfg, importance)
+
+
+def aligned(shapes, ranks, details, cfg, importance=None) -> tuple[dict, dict]:
+    """The policy's ranks aligned for the GPU kernels, with what alignment frees given back."""
+    ranks, before = align_within_budget(shapes, ranks, cfg.rank_align, budget_of(shapes, cfg.ratio), importance)
+    return ranks, {**details, "aligned_from": before}
+
+
+def _spectral(model, store, arch, shapes, windows, inputs, cfg, device, offload, batch_size, progress, log):
+    """The policies that read whitened spectra: v2 and sensitivity; (ranks, details, importance)."""
     fisher = None
     if cfg.layer_policy == "sensitivity":  # `windows` are all ranks' under torch.distributed
         sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
@@ -57,14 +73,14 @@ def allocate(model, store, arch, windows, inputs, cfg, device, offload, batch_si
         uniform = uniform_ranks(shapes, cfg.ratio)
         losses = {s.name: math.sqrt(spectra[s.name].tokens * float(spectra[s.name].sigma2[uniform[s.name]:].sum()))
                   for s in shapes}
-        return v2_ranks(shapes, cfg.ratio, losses), {}
+        return v2_ranks(shapes, cfg.ratio, losses), {}, None
     floor = {s.name: max(1, math.floor(cfg.min_rank_fraction * rank_for_ratio(s.m, s.n, cfg.ratio)))
              for s in shapes}
-    ranks = water_fill(shapes, budget_of(shapes, cfg.ratio),
-                       {k: v.weighted for k, v in spectra.items()}, floor)
+    importance = {k: v.weighted for k, v in spectra.items()}
+    ranks = water_fill(shapes, budget_of(shapes, cfg.ratio), importance, floor)
     dense = sum(r is None for r in ranks.values())
     log(f"sensitivity allocation: {len(ranks) - dense} low-rank matrices, {dense} kept dense")
-    return ranks, {}
+    return ranks, {}, importance
 
 
 def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:

@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .bundled import bundled_gguf
+from .host import proc_bytes
 from .io import METADATA
 
 GIB = 2 ** 30
@@ -79,9 +81,18 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def check_text_source(source: str) -> None:
-    if source != "wikitext2" and not os.path.isfile(os.path.expanduser(source)):
+def check_text_source(source: str, seqlen: int | None = None) -> None:
+    """An existing text file (or 'wikitext2'); with `seqlen`, one long enough for a window (every
+    token covers at least one byte, so a file of at most `seqlen` bytes cannot give one)."""
+    if source == "wikitext2":
+        return
+    path = os.path.expanduser(source)
+    if not os.path.isfile(path):
         raise PreflightError(f"text source {source!r} is neither 'wikitext2' nor an existing text file")
+    size = os.path.getsize(path)
+    if seqlen is not None and size <= seqlen:
+        raise PreflightError(f"text file {source} holds {size} bytes, too short for one window of {seqlen} tokens: "
+                             "give a longer text (or a smaller --seqlen)")
 
 
 def check_positive(**values) -> None:
@@ -121,7 +132,6 @@ def check_context_early(spec: str, seqlen: int) -> None:
 
     path = os.path.expanduser(spec)
     if spec == "smollm2":
-        from .api import bundled_gguf  # here, not at the top: api imports this module's users
 
         try:
             path = bundled_gguf()
@@ -175,35 +185,6 @@ def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_
 
 def available_host_bytes() -> int | None:
     return proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def reset_peak_rss() -> None:
-    """Start the process's peak RSS (VmHWM) afresh: Linux resets it on writing 5 to clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """The process's peak RSS since the last reset (its lifetime peak where /proc is missing)."""
-    import resource
-
-    peak = proc_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def proc_bytes(path: str, field: str) -> int | None:
-    """A "Field: N kB" line of a Linux /proc file, in bytes; None where there is none."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_memory(estimate: MemoryEstimate, device: str) -> None:

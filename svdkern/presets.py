@@ -30,11 +30,21 @@ class CompressionConfig:
         (solvers/select.py); needs stream "both", excludes a fixed beta and aces.
     refine_epochs / refine_lr: block-level refinement (refine.py) after each block: passes of
         Adam steps over the calibration micro-batches; needs the FP stream ("fp" or "both").
+    refine_recipe: "svdkern" (Adam on the factors, best held-out state) or "aa-svd" (AA-SVD's
+        reference recipe: AdamW on every block parameter, MSE, warm-up and cosine, last state).
+    gram_stream: with two streams, whose activations whiten the solve: "compressed" (the
+        compressed model's, EP/SAES) or "fp" (the original model's, as AA-SVD's default objective:
+        SVD-LLM's solve, with the compressed stream kept for refinement); "fp" takes no β.
     holdout_batches: the last calibration micro-batches, never fitted by β selection or
         refinement steps, that choose β and the kept refinement state.
     rank_align: round each rank down to a multiple of this (8 … 64: aligned, vectorized GPU
         kernel loads; the budget holds), or "auto": 64…8 where it drops at most 2% of the rank
         (solvers.rank.aligned_rank); 1 keeps the ranks of the papers' rules.
+    tune_epochs / tune_lr / tune_batch: end-to-end tuning (tune.py) after the layer-wise solve:
+        epochs of AdamW steps (tune_batch windows each) on the factors toward the dense model's
+        next-token distributions (KL on its top `tune_topk` tokens and the rest); 0 turns it off.
+    tune_holdout: the last calibration windows, never stepped on, that pick the kept epoch.
+    tune_norms: also train the norm weights and the compressed linears' biases.
     fp_cache_bytes: two streams keep the FP stream's group inputs of one layer (fp32, on the
         offload device) when they fit in this many bytes, else recompute them per group.
     """
@@ -58,8 +68,16 @@ class CompressionConfig:
     fp_cache_bytes: int = 4 << 30
     refine_epochs: int = 0
     refine_lr: float = 1e-3
+    refine_recipe: str = "svdkern"
+    gram_stream: str = "compressed"
     holdout_batches: int = 1
     rank_align: int | str = "auto"
+    tune_epochs: int = 0
+    tune_lr: float = 1e-4
+    tune_batch: int = 4
+    tune_holdout: int = 8
+    tune_topk: int = 128
+    tune_norms: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "beta_grid", tuple(float(b) for b in self.beta_grid))
@@ -92,6 +110,20 @@ class CompressionConfig:
         if self.refine_epochs and (self.stream == "compressed" or self.whitening is None):
             raise ValueError("refinement targets the FP block output: it needs stream 'fp' or 'both' "
                              "and whitening")
+        if self.tune_epochs < 0 or self.tune_lr <= 0 or self.tune_batch < 1 or self.tune_holdout < 1 \
+                or self.tune_topk < 1:
+            raise ValueError("end-to-end tuning needs tune_epochs >= 0, tune_lr > 0, and tune_batch, "
+                             "tune_holdout and tune_topk >= 1")
+        if self.tune_epochs and self.whitening is None:
+            raise ValueError("end-to-end tuning trains on the calibration windows: plain SVD (whitening=None) "
+                             "has none; use a calibrated method")
+        if self.refine_recipe not in ("svdkern", "aa-svd"):
+            raise ValueError(f"refine_recipe must be svdkern or aa-svd; got {self.refine_recipe!r}")
+        if self.gram_stream not in ("compressed", "fp"):
+            raise ValueError(f"gram_stream must be compressed or fp; got {self.gram_stream!r}")
+        if self.gram_stream == "fp" and (self.stream != "both" or self.beta or self.aces or self.beta_grid):
+            raise ValueError("gram_stream='fp' whitens with the original model's activations beside a compressed "
+                             "stream: it needs stream='both' and no beta, aces or beta_grid")
         if self.rank_align not in RANK_ALIGNS:
             raise ValueError(f"rank_align must be one of {', '.join(map(str, RANK_ALIGNS))}; got {self.rank_align!r}")
         if self.whitening is None and self.stream != "fp":
@@ -116,6 +148,11 @@ PRESETS: dict[str, dict] = {
     # sensitivity, and each block's factors refined toward the FP block output.
     "best": dict(stream="both", beta=0.5, layer_policy="sensitivity", sensitivity_samples=16,
                  refine_epochs=2),
+    # AA-SVD's reference code at its defaults (objective "obj2": SVD-LLM's whitened solve on the
+    # original model's activations; then 25 epochs of block refinement on the compressed stream's
+    # inputs toward the FP block outputs, AdamW lr 1e-4, every block parameter, last state kept).
+    "aa-svd": dict(stream="both", gram_stream="fp", refine_epochs=25, refine_lr=1e-4, refine_recipe="aa-svd",
+                   holdout_batches=0),
 }
 DEFAULT_METHOD = "best"
 

@@ -6,16 +6,46 @@ calibration activations: input = the stream the compressed model produces (so th
 absorb error propagated from earlier blocks; methods on the FP stream alone refine on FP
 inputs), target = the original block's output on the FP stream. Micro-batches held out from the steps choose when to stop, and the state with the
 lowest error on them is kept, so refinement never ends worse than it started on those windows.
+
+Two recipes (`RECIPES`): svdkern's (Adam on the factors, the relative block error, the best state
+on held-out batches) and AA-SVD's reference recipe (AdamW with weight decay 0.01 on every
+parameter of the block, norms and biases included, mean squared error, 10% linear warm-up then
+cosine decay to 0.1 of the rate, gradients clipped to norm 1, the last state kept).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn as nn
 
 from . import distributed
 from .nn import LowRankLinear
+
+
+@dataclass(frozen=True)
+class Recipe:
+    train_all: bool = False       # every parameter of the block (norms, biases), not only the factors
+    weight_decay: float = 0.0     # AdamW's decoupled decay (0: plain Adam)
+    mse: bool = False             # mean squared error instead of the relative error ‖f(x) − y‖²/‖y‖²
+    schedule: bool = False        # 10% linear warm-up from 0, then cosine to 0.1 of the rate
+    clip: float | None = None     # gradient norm clipping
+    keep_best: bool = True        # the held-out batches pick the kept state; False: the last one
+
+
+RECIPES = {"svdkern": Recipe(),
+           "aa-svd": Recipe(train_all=True, weight_decay=0.01, mse=True, schedule=True, clip=1.0, keep_best=False)}
+
+
+def aa_svd_schedule(step: int, total: int) -> float:
+    """AA-SVD's rate factor: linear warm-up over the first 10% of steps (from 0), then cosine to 0.1."""
+    warmup = int(0.1 * total)
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -67,7 +97,8 @@ def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwargs: list, *,
-                 epochs: int, lr: float, holdout: int, device, global_batches: int | None = None) -> RefineResult:
+                 epochs: int, lr: float, holdout: int, device, global_batches: int | None = None,
+                 recipe: Recipe = RECIPES["svdkern"]) -> RefineResult:
     """Tune the LowRankLinear factors of `layer` in place; returns the errors before and after.
 
     inputs/targets/kwargs: one entry per calibration micro-batch. The last `holdout` micro-batches
@@ -87,6 +118,8 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
     params = factor_parameters(layer)
     if not params:
         raise ValueError("refinement found no LowRankLinear factors in the block")
+    if recipe.train_all:
+        params = list(layer.parameters())
     frozen = [(p, p.requires_grad, p.dtype) for p in layer.parameters()]
     original = [p.detach().clone() for p in params]
     layer.float()  # steps in fp32 whatever the model's dtype
@@ -100,7 +133,11 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
 
     best = before = error()
     best_state, best_steps, steps = [p.detach().clone() for p in params], 0, 0
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay) if recipe.weight_decay
+           else torch.optim.Adam(params, lr=lr))
+    total_steps = epochs * len(fit)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda step: aa_svd_schedule(step, total_steps))
+             if recipe.schedule else None)
     try:
         with torch.enable_grad():
             for _ in range(epochs):
@@ -110,13 +147,18 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
                         x, y, kw = local[g]
                         y = y.to(device).float()
                         out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
-                        loss = ((out.float() - y) ** 2).sum() / (y ** 2).sum()
+                        err = ((out.float() - y) ** 2)
+                        loss = err.mean() if recipe.mse else err.sum() / (y ** 2).sum()
                         loss.backward()
                     distributed.broadcast_grads(params, src=g % distributed.world())
+                    if recipe.clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, recipe.clip)
                     opt.step()
+                    if sched is not None:
+                        sched.step()
                     steps += 1
                 now = error()
-                if now < best:
+                if now < best or not recipe.keep_best:
                     best, best_steps = now, steps
                     best_state = [p.detach().clone() for p in params]
     finally:

@@ -11,15 +11,15 @@
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
 from .blocks import capture_layer_inputs, group_grams, propagate, run_layer
+from .head import chunked_sum, final_hidden, head_only
 from .models import Architecture
 from .solvers.factorize import svd_of, target
 from .solvers.whiten import whiten
@@ -54,8 +54,6 @@ def output_fisher(model, store, arch: Architecture, windows: torch.Tensor, batch
 
 
 def _fisher(model, store, arch, windows, batch_size, device, offload, progress, total):
-    import torch.nn.functional as F
-
     inputs = capture_layer_inputs(model, store.layers, windows, batch_size, device, offload)
     kept = [inputs.hidden]
     for i in tqdm(range(len(store)), desc="sensitivity forward", unit="layer", disable=not progress):
@@ -63,13 +61,13 @@ def _fisher(model, store, arch, windows, batch_size, device, offload, progress, 
         kept.append(propagate(layer, kept[-1], inputs.kwargs[i], device, offload))
         store.put_back(i, layer)
     grads = []
-    with torch.enable_grad(), _head_only(store.layers) as head:
+    with torch.enable_grad(), head_only(store.layers) as head:
         for b, start in enumerate(range(0, len(windows), batch_size)):
             ids = windows[start:start + batch_size].to(device)
             head.value = kept[-1][b].to(device).requires_grad_(True)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            (loss * len(ids) / total).backward()
+            last = final_hidden(model, ids)  # the final norm; the head runs in token chunks
+            loss = chunked_sum(model, last[:, :-1], _summed_cross_entropy, ids[:, 1:])
+            (loss / (ids.shape[1] - 1) / total).backward()
             grads.append(head.value.grad.to(offload))
     fisher = {}
     for i in tqdm(reversed(range(len(store))), total=len(store), desc="sensitivity backward",
@@ -91,36 +89,16 @@ def _fisher(model, store, arch, windows, batch_size, device, offload, progress, 
     return fisher
 
 
+def _summed_cross_entropy(logits, labels):
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
 def _square_grads(fisher: dict, key: str):
     """A forward hook whose output's gradient adds Σ_t g_t² per output channel to fisher[key]."""
     def forward_hook(_module, _args, out):
         out.register_hook(lambda g: fisher.__setitem__(
             key, fisher.get(key, 0) + g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)))
     return forward_hook
-
-
-class _Head(nn.Module):
-    """Stands in for a decoder layer so that a model call runs only the model's head: the last
-    one returns `value` (the final hidden state) whatever it is given; the others pass it on."""
-
-    def __init__(self, last: bool):
-        super().__init__()
-        self.last, self.value = last, None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.value if self.last else hidden_states
-
-
-@contextmanager
-def _head_only(layers: nn.ModuleList):
-    originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Head(i == len(layers) - 1)
-    try:
-        yield layers[-1]
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
 
 
 @dataclass

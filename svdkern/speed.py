@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .preflight import peak_rss, reset_peak_rss
+from .host import peak_rss, reset_peak_rss
 
 
 @dataclass

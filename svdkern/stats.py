@@ -12,7 +12,7 @@ import torch
 from ._ops import cross_accumulate, gram_accumulate
 from .clock import timed
 from .distributed import summed, summed_count
-from .solvers.whiten import symmetrize
+from .gram import symmetrize
 
 
 class ActivationNotFiniteError(ValueError):

@@ -34,10 +34,14 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, la
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers), dtype=dtype)
     # Random init leaves the factors' spectrum flat; larger weights make the layers nonlinear
     # enough that sequential methods differ measurably from one-shot ones.
+    # Biases are non-zero (Qwen2's q/k/v, OPT's every linear), so a bug that drops or misplaces
+    # one shows in logits, factors and saved files.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
     return model.eval()
 
 

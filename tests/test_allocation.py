@@ -1,12 +1,13 @@
 """Rank policies: budget-exact on every architecture, dense at zero compression, sensitivity that
 follows the loss, and refinement that never ends worse than it started."""
 import copy
+import math
 
 import pytest
 import torch
 
 import svdkern
-from svdkern.allocation import (MatrixShape, budget_of, total_kept, uniform_ranks, v2_ranks,
+from svdkern.allocation import (MatrixShape, break_even_rank, budget_of, total_kept, uniform_ranks, v2_ranks,
                                 water_fill)
 from svdkern.blocks import capture_layer_inputs, run_layer
 from svdkern.layer_store import LayerStore
@@ -205,3 +206,117 @@ def test_layer_by_layer_fisher_equals_the_whole_model_backward(model_type, windo
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-12 * float(want[key].max()))
     assert all(p.grad is None for p in model.parameters())  # no weight gradients were made
+
+
+def test_alignment_gives_back_what_rounding_frees_within_the_budget():
+    from svdkern.allocation import align_within_budget
+
+    shapes = [MatrixShape("a", 100, 100), MatrixShape("b", 100, 100), MatrixShape("c", 60, 40)]
+    ranks = {"a": 30, "b": 29, "c": None}
+    budget = total_kept(shapes, ranks)  # 11,800 + the dense 2,400
+    # by hand: 8-steps round a and b down to 24, freeing 1,200 + 1,000; one step (1,600) fits, and
+    # goes to the matrix rounding took most from (a: 6 ranks)
+    assert align_within_budget(shapes, ranks, 8, budget) == ({"a": 32, "b": 24, "c": None}, {"a": 30, "b": 29})
+    got, _ = align_within_budget(shapes, ranks, 8, budget - 601)  # now none fits
+    assert got == {"a": 24, "b": 24, "c": None}
+    got, _ = align_within_budget(shapes, ranks, 8, budget + 1000)  # two steps fit
+    assert got == {"a": 32, "b": 32, "c": None}
+    # with importances the step goes where its components are worth most: b's
+    importance = {"a": torch.ones(100), "b": torch.cat([torch.ones(24), torch.full((76,), 5.0)])}
+    got, _ = align_within_budget(shapes, ranks, 8, budget, importance)
+    assert got == {"a": 24, "b": 32, "c": None}
+
+
+@pytest.mark.parametrize("align", ["auto", 8, 16, 64])
+def test_aligned_allocation_stays_in_budget_and_leaves_less_than_a_step(align):
+    from svdkern.allocation import align_within_budget
+    from svdkern.solvers.rank import align_step
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [MatrixShape(f"{i}.{k}", m, n) for i in range(6)
+              for k, (m, n) in {"q": (960, 960), "k": (320, 960), "up": (2560, 960), "down": (960, 2560)}.items()]
+    for ratio in (0.2, 0.4, 0.6):
+        budget = budget_of(shapes, ratio)
+        importance = {s.name: torch.rand(min(s.m, s.n), generator=gen).sort(descending=True).values for s in shapes}
+        ranks = water_fill(shapes, budget, importance)
+        got, before = align_within_budget(shapes, ranks, align, budget, importance)
+        spent = total_kept(shapes, got)
+        assert spent <= budget
+        steps = {n: align_step(r, align) for n, r in ranks.items() if r is not None}
+        assert all(got[n] % steps[n] == 0 for n in steps)
+        assert set(before) == {n for n in ranks if got[n] != ranks[n]}
+        raisable = [s for s in shapes if s.name in steps and steps[s.name] > 1
+                    and got[s.name] + steps[s.name] <= break_even_rank(s.m, s.n)]
+        if raisable:  # nothing more would fit: the budget is used to within one step
+            assert budget - spent < min(steps[s.name] * (s.m + s.n) for s in raisable)
+
+
+def _aa_svd_reference_steps(layer, inputs, targets, kwargs, epochs, lr):
+    """Oracle: AA-SVD's finetune loop written out (every parameter, AdamW wd 0.01, MSE, 10% warm-up
+    from 0 then cosine to 0.1, clip 1, last state), with the rate computed by hand."""
+    params = list(layer.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    total = epochs * len(inputs)
+    warmup = int(0.1 * total)
+    step = 0
+    for _ in range(epochs):
+        for x, y, kw in zip(inputs, targets, kwargs):
+            if step < warmup:
+                factor = step / warmup
+            else:
+                factor = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(run_layer(layer, x, kw), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+    for p in params:
+        p.requires_grad_(False)
+
+
+def test_aa_svd_refinement_recipe_matches_its_loop_written_out(windows):
+    from svdkern.refine import RECIPES
+
+    model = tiny_model("qwen2", seed=4)  # q/k/v biases, two norms: every parameter trains
+    dense = copy.deepcopy(model)
+    svdkern.compress(model, "svd-llm", 0.4, calib=windows, progress=False, log=lambda *_: None)
+    arch = architecture_of(model)
+    inputs = capture_layer_inputs(model, model.get_submodule(arch.layers_path), windows, 4, "cpu", "cpu")
+    dense_layer = dense.get_submodule(arch.layers_path)[0]
+    with torch.no_grad():
+        targets = [run_layer(dense_layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs[0])]
+    layer = model.get_submodule(arch.layers_path)[0]
+    want, before = copy.deepcopy(layer), copy.deepcopy(layer)
+    _aa_svd_reference_steps(want, inputs.hidden, targets, inputs.kwargs[0], epochs=4, lr=3e-3)
+    refine_block(layer, run_layer, inputs.hidden, targets, inputs.kwargs[0], epochs=4, lr=3e-3, holdout=0,
+                 device="cpu", recipe=RECIPES["aa-svd"])
+    got, ref = dict(layer.named_parameters()), dict(want.named_parameters())
+    assert all(not torch.equal(ref[n], p) for n, p in before.named_parameters())  # norms, biases too
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_aa_svd_refinement_keeps_its_last_state_even_when_worse(windows):
+    """AA-SVD's recipe has no selection: a step size that makes things worse stays worse
+    (svdkern's recipe keeps its best held-out state instead)."""
+    from svdkern.refine import RECIPES
+
+    model = tiny_model("llama", seed=4)
+    dense = copy.deepcopy(model)
+    svdkern.compress(model, "svd-llm", 0.4, calib=windows, progress=False, log=lambda *_: None)
+    arch = architecture_of(model)
+    inputs = capture_layer_inputs(model, model.get_submodule(arch.layers_path), windows, 4, "cpu", "cpu")
+    with torch.no_grad():
+        targets = [run_layer(dense.get_submodule(arch.layers_path)[0], h, kw)
+                   for h, kw in zip(inputs.hidden, inputs.kwargs[0])]
+    results = {}
+    for recipe in ("aa-svd", "svdkern"):
+        layer = copy.deepcopy(model.get_submodule(arch.layers_path)[0])
+        results[recipe] = refine_block(layer, run_layer, inputs.hidden, targets, inputs.kwargs[0], epochs=2,
+                                       lr=1.0, holdout=1, device="cpu", recipe=RECIPES[recipe])
+    assert results["aa-svd"].after > results["aa-svd"].before and results["aa-svd"].steps == 2 * 2
+    assert results["svdkern"].after <= results["svdkern"].before

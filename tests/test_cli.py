@@ -32,6 +32,10 @@ def test_compress_then_eval_then_info(model_dir, tmp_path, capsys):
     assert len(info.splitlines()) < 15 and (tmp_path / "p.png").stat().st_size > 0
     assert main(["info", str(out), "--json"]) == 0
     assert '"format_version": 2' in capsys.readouterr().out
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # truncated: info says so, as eval would
+    assert main(["info", str(out)]) == 2
+    assert "model.safetensors is corrupt or truncated" in capsys.readouterr().err
 
 
 def test_eval_offloads_a_model_larger_than_memory(model_dir, tmp_path, capsys):
@@ -77,6 +81,19 @@ def test_bench_and_generate_compare_with_the_source(model_dir, tmp_path, capsys)
     assert main(["generate", str(out), "Say hi", "--max-new-tokens", "3", "--dense", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert f"--- {out}:" in text and f"--- {model_dir} (dense):" in text
+    from transformers import AutoTokenizer
+
+    tokenizer_class = type(AutoTokenizer.from_pretrained(out))
+    assert AutoTokenizer.from_pretrained(out).chat_template  # so the switch is what skips it
+    templated = []
+    real = tokenizer_class.apply_chat_template
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer_class, "apply_chat_template", lambda *a, **k: templated.append(1) or real(*a, **k))
+        assert main(["generate", str(out), "Say hi", "--max-new-tokens", "2", "--device", "cpu",
+                     "--no-chat-template"]) == 0
+        assert not templated
+        assert main(["generate", str(out), "Say hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+        assert templated
 
 
 @pytest.mark.parametrize("args,message", [
@@ -167,10 +184,43 @@ def test_what_needs_the_model_is_checked_before_the_dense_evaluation(model_dir, 
     base = ["compress", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--device", "cpu"]
     assert main([*base, "--seqlen", "100000"]) == 2
     assert "exceeds the model's context length 2048" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("a few words " * 20)  # over 64 bytes, under 64 tokens
+    assert main([*base, "--seqlen", "64", "--calib", str(tmp_path / "short.txt")]) == 2
+    assert "too few for seqlen 64" in capsys.readouterr().err
+    (tmp_path / "short.txt").unlink()
     monkeypatch.setattr(svdkern.preflight, "available_host_bytes", lambda: 2 ** 20)
     assert main([*base, "--seqlen", "64"]) == 2
     assert "GiB of host memory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_calibration_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import svdkern.api
+
+    monkeypatch.setattr(svdkern.api, "load_model", lambda *_a, **_k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "empty.txt").write_text("")
+    rc = main(["compress", "--out", str(tmp_path / "o"), "--device", "cpu", "--calib", str(tmp_path / "empty.txt")])
+    assert rc == 2 and "holds 0 bytes, too short for one window of 512 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_overwrite_replaces_only_svdkern_outputs(model_dir, tmp_path, capsys):
+    import svdkern
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    args = ["compress", "--model", str(model_dir), "--method", "svd", "--no-eval", "--device", "cpu", "--overwrite"]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "is not an svdkern output (no svdkern.json)" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    model, _ = svdkern.load_model(str(model_dir))
+    with pytest.raises(FileExistsError, match="not an svdkern output"):
+        svdkern.save(model, str(mine), overwrite=True)
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0  # an svdkern output is replaced
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "empty")]) == 0
 
 
 def test_ctrl_c_ends_cleanly_and_the_rerun_resumes_without_redoing_the_dense_evaluation(
@@ -231,6 +281,10 @@ def test_compress_streams_from_disk(model_dir, tmp_path, capsys, monkeypatch):
         assert torch.equal(mem(ids).logits, disk(ids).logits)
     assert main(["compress", "--model", "smollm2", "--stream-from-disk", "--out", str(tmp_path / "x")]) == 2
     assert "reads a model directory of safetensors shards" in capsys.readouterr().err
+    assert main(["compress", "--model", str(source), *common, "--stream-from-disk", "--tune-epochs", "1",
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "end-to-end tuning trains the whole model at once" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
     monkeypatch.setattr(preflight, "available_host_bytes", lambda: 1000)
     assert main(["compress", "--model", str(source), *common, "--out", str(tmp_path / "y"), "--no-eval"]) == 2
     assert "pass --stream-from-disk" in capsys.readouterr().err

@@ -38,17 +38,30 @@ def test_local_wikitext2_is_found():
     assert len(text) > 1_000_000 and "Robert Boulter" in text[:2000]
 
 
-def test_offline_fallback_warns(monkeypatch):
+@pytest.mark.parametrize("split,sha256", [
+    ("test", "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"),
+    ("calibration", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8")])
+def test_wikitext2_ships_with_the_package(split, sha256, monkeypatch):
+    """Without SVDKERN_DATA_DIR (offline or not) every command reads the same WikiText-2 text."""
+    import gzip
+    import hashlib
+    import io
+
     monkeypatch.delenv("SVDKERN_DATA_DIR", raising=False)
-    import datasets
+    text, described = data.text_source("wikitext2", split)
+    raw = gzip.decompress((data.PACKAGED / (data._WIKITEXT2[split][0] + ".gz")).read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == sha256  # the published file, byte for byte
+    assert text == io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()  # read as a text file is
+    assert described.startswith("WikiText-2 ") and "packaged with svdkern" in described
 
-    def offline(*a, **k):
-        raise ConnectionError("no network")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.warns(UserWarning, match="pydoc_data"):
-        text = data.load_text("wikitext2", "calibration")
-    assert len(text) > 100_000
+def test_data_dir_overrides_the_packaged_copy(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.test.raw").write_text("my own test split")
+    monkeypatch.setenv("SVDKERN_DATA_DIR", str(tmp_path))
+    assert data.load_text("wikitext2", "test") == "my own test split"
+    with pytest.warns(UserWarning, match="using the copy packaged with svdkern"):
+        assert len(data.load_text("wikitext2", "calibration")) > 1_000_000
 
 
 def test_plain_text_file(tmp_path):

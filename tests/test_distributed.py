@@ -62,7 +62,8 @@ def free_port() -> int:
     ("erc-svd", "llama", dict(plc_samples=6)),                       # PLC's search on the first batches
     ("best", "llama", dict(sensitivity_samples=6)),  # Fisher-weighted allocation, block refinement
     ("svd-llm", "llama", dict(layer_policy="v2")),
-    ("ep-svd-llm", "llama", dict(beta_grid=(0.0, 0.5, 1.0), holdout_batches=2))])  # held-out β
+    ("ep-svd-llm", "llama", dict(beta_grid=(0.0, 0.5, 1.0), holdout_batches=2)),  # held-out β
+    ("svd-llm", "qwen2", dict(tune_epochs=2, tune_batch=4, tune_holdout=4, tune_lr=1e-3))])  # all-reduced tuning
 def test_two_gloo_processes_give_one_process_factors(method, family, knobs, tmp_path):
     mp.spawn(_worker, args=(2, free_port(), method, family, str(tmp_path), knobs), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

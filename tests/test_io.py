@@ -129,6 +129,14 @@ def test_a_model_from_a_quantized_or_half_source_is_stored_in_bf16(tmp_path, win
     svdkern.save(model, tmp_path / "fp32", dtype=torch.float32)
     assert svdkern.load(tmp_path / "fp32").model.layers[0].mlp.up_proj.U.dtype == torch.float32
     assert next(model.parameters()).dtype == torch.float32  # saving does not change the model
+    from safetensors import safe_open
+
+    for name, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # what is on disk, not after loading
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            floating = {key: f.get_tensor(key).dtype for key in f.keys()}
+        floating = {k: d for k, d in floating.items() if d.is_floating_point}
+        assert len(floating) > 20 and set(floating.values()) == {want}, name
+        assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
 
 
 def test_saving_an_uncompressed_model_says_what_to_do(tmp_path):

@@ -222,3 +222,13 @@ def test_two_streams_in_half_precision_stay_close_to_float32(method, dtype, wind
             want = dense(windows).logits.double()
         errors[dt] = float((got - want).norm() / want.norm())
     assert errors[dtype] < 1.1 * errors[torch.float32] + 0.02
+
+
+def test_aa_svd_objective_is_svd_llms_whitened_solve_on_the_fp_stream(windows):
+    """AA-SVD's default objective (its reference code's "obj2"): the FP stream's Gram whitens, even
+    though a compressed stream runs beside it for the refinement."""
+    dense, model = compressed("llama", "aa-svd", windows, refine_epochs=0, rank_align=1)
+    want, _ = reference(dense, windows, "fp", 0.4)
+    assert worst_relative_gap(engine_products(model), want) < 2e-4
+    _, sc = compressed("llama", "sc-svd-llm", windows, rank_align=1)  # the other stream's Gram differs
+    assert worst_relative_gap(engine_products(sc), want) > 1e-2

@@ -1,5 +1,7 @@
 """Resume: an interrupted run (Ctrl-C, or a process killed at any instant) resumes to the
 uninterrupted run's factors and report, and refuses, naming what changed, when it cannot."""
+import copy
+import dataclasses
 import os
 import random
 import signal
@@ -162,3 +164,40 @@ def test_a_killed_process_resumes_exactly(windows, tmp_path):
     assert sorted(os.listdir(ckpt)) == ["allocation.json", "layer_0000.safetensors", "layer_0001.safetensors",
                                         "progress.json", "streams_0000.pt", "streams_0001.pt"]
     assert_same_run(run("ep-svd-llm", windows, ckpt), run("ep-svd-llm", windows))
+
+
+def _another_value(value):
+    """A different value of the same kind (the config is not re-validated: only its record matters)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.125
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, tuple):
+        return value + (0.5,)
+    if value is None:
+        return 3
+    if isinstance(value, torch.dtype):
+        return torch.float32 if value != torch.float32 else torch.float64
+    raise AssertionError(f"no other value for {value!r}: extend _another_value")
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(svdkern.CompressionConfig)])
+def test_every_setting_that_shapes_the_factors_is_refused_on_resume(field, windows, tmp_path):
+    """Generated from CompressionConfig's fields, so a new knob is covered without editing this test."""
+    from svdkern.layer_store import LayerStore
+    from svdkern.presets import config_for
+
+    model = tiny_model("llama", seed=5, layers=1)
+    store = LayerStore(model.get_submodule("model.layers"), "cpu", "cpu")
+    cfg = config_for("best", 0.3)
+    other = copy.copy(cfg)
+    object.__setattr__(other, field, _another_value(getattr(cfg, field)))
+    saved = checkpoint.Checkpoint(str(tmp_path / "ck"), checkpoint.fingerprint(model, store, windows, cfg, 4), 0.0)
+    saved.save_allocation({}, {})
+    resumed = checkpoint.Checkpoint(str(tmp_path / "ck"), checkpoint.fingerprint(model, store, windows, other, 4), 0.0)
+    with pytest.raises(RuntimeError, match=f"method settings {field} "):
+        resumed.load_allocation()

@@ -150,7 +150,7 @@ def test_a_directory_without_safetensors_is_refused(tmp_path):
 
 MEASURE_PEAKS = """
 import gc, json, sys, torch, svdkern
-from svdkern.preflight import peak_rss, proc_bytes, reset_peak_rss
+from svdkern.host import peak_rss, proc_bytes, reset_peak_rss
 
 windows = torch.randint(0, 1000, (8, 256), generator=torch.Generator().manual_seed(0))
 peaks = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..gram import NotPositiveDefiniteError
+
 # Column-block width for the triangular Gram update: lower blocks only, ~0.6x the flops' time of
 # a full XᵀX on a 2-core CPU for n=1536 (measured), and the same on GPUs for large n.
 _GRAM_BLOCK = 256
@@ -65,8 +67,6 @@ def cholesky_whiten(H, damp_rel=1e-6, max_damp_rel=1e-2):
             return L.reshape(H.shape), damp.reshape(batch_shape)
         damp[todo] = torch.where(damp[todo] > 0, damp[todo] * 10.0, 1e-12)
         if bool((damp[todo] > max_damp_rel * (1 + 1e-9)).any()):
-            from ..solvers.whiten import NotPositiveDefiniteError
-
             raise NotPositiveDefiniteError(
                 f"{todo.numel()} Gram matrix(es) stay non-positive-definite even with damping "
                 f"{max_damp_rel:g} x mean(diag); the calibration data may be degenerate (too few "

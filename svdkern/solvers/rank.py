@@ -36,24 +36,29 @@ def rank_for_ratio(m: int, n: int, ratio: float, name: str = "matrix") -> int:
     return k
 
 
-def aligned_rank(rank: int, align) -> int:
-    """The rank rounded down to a multiple of `align`, so it stays within the budget.
+def align_step(rank: int, align) -> int:
+    """The multiple a rank is aligned to (1: left as it is).
 
     Ranks that are multiples of 8 give the GPU kernels 16-byte (vectorized, async) loads of U and
     the intermediate; multiples of 64 also whole K tiles. "auto" takes the largest of 64/32/16/8
-    that drops at most 2% of the rank (the weakest directions), else keeps the rank. A rank
-    smaller than `align` is kept as it is.
+    whose rounding down drops at most 2% of the rank (the weakest directions), else none. A rank
+    smaller than `align` is left as it is.
     """
     if align == "auto":
         for a in (64, 32, 16, 8):
             down = rank // a * a
             if down >= a and rank - down <= AUTO_ALIGN_MAX_LOSS * rank:
-                return down
-        return rank
+                return a
+        return 1
     if align not in RANK_ALIGNS:
         raise ValueError(f"rank alignment must be one of {RANK_ALIGNS}; got {align!r}")
-    down = rank // align * align
-    return down if down >= 1 else rank
+    return align if rank >= align else 1
+
+
+def aligned_rank(rank: int, align) -> int:
+    """The rank rounded down to a multiple of `align_step(rank, align)`."""
+    step = align_step(rank, align)
+    return rank // step * step
 
 
 def check_saves_parameters(m: int, n: int, k: int, name: str = "matrix") -> None:

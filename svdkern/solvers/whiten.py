@@ -10,21 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._ops import cholesky_whiten
+from ..gram import GramNotFiniteError, NotPositiveDefiniteError, check_finite_gram, symmetrize
 
-class GramNotFiniteError(ValueError):
-    """A Gram matrix holds NaN or Inf: activations overflowed during calibration."""
-
-
-class NotPositiveDefiniteError(RuntimeError):
-    """A Gram matrix stayed non-positive-definite after the largest damping allowed."""
-
-
-def check_finite_gram(H: torch.Tensor, name: str = "Gram matrix") -> None:
-    if not bool(torch.isfinite(H).all()):
-        raise GramNotFiniteError(
-            f"{name} contains NaN or Inf: the calibration activations overflowed. Run the model "
-            "in float32 (or bfloat16 rather than float16) for calibration, and check the data."
-        )
+__all__ = ["GramNotFiniteError", "NotPositiveDefiniteError", "Whitener", "check_finite_gram", "symmetrize", "whiten"]
 
 
 @dataclass
@@ -48,16 +37,9 @@ class Whitener:
         return torch.linalg.solve(self.P.T, M, left=False)
 
 
-def symmetrize(H_lower: torch.Tensor) -> torch.Tensor:
-    """Full symmetric matrix from an accumulator whose lower triangle is valid."""
-    return torch.tril(H_lower) + torch.tril(H_lower, -1).T
-
-
 def whiten(H: torch.Tensor, method: str = "cholesky", damp_rel: float = 1e-6,
            max_damp_rel: float = 1e-2) -> Whitener:
     """Whitening factor of a full symmetric H (float64 math)."""
-    from .._ops import cholesky_whiten
-
     H = H.to(torch.float64)
     if method == "cholesky":
         L, damp = cholesky_whiten(H, damp_rel, max_damp_rel)

@@ -5,7 +5,7 @@ documentation text, achieved ratio counted from the saved and reloaded model, co
 layer_errors_0.4.png, allocation_smollm2.png (kept parameters per layer under the default preset),
 and keeps every finished row in quality_smollm2.jsonl, so an interrupted run resumes.
 
-    python benchmarks/quality_smollm2.py [--rows svd-llm,best] [--ratios 0.2,0.4] [--render-only]
+    python benchmarks/quality_smollm2.py [--rows svd-llm,best] [--ratios 0.2,0.4] [--render-only] [--rerun]
 """
 import argparse
 import copy
@@ -82,7 +82,7 @@ def measure_saved(model, tokenizer, evals, pydoc):
     return out, loaded
 
 
-def run(labels, ratios):
+def run(labels, ratios, rerun=False):
     model, tokenizer, calib, evals = dev_protocol()
     pydoc = eval_windows(tokenize(tokenizer, offline_english_text()), 512, 32)
     layers = model.get_submodule(architecture_of(model).layers_path)
@@ -95,7 +95,7 @@ def run(labels, ratios):
                 "nonfinite": dense.nonfinite_windows, "pydoc_ppl": perplexity(model, pydoc, progress=False).ppl})
     for ratio in ratios:
         for label in labels:
-            if (label, ratio) in have:
+            if (label, ratio) in have and not rerun:
                 continue
             method, knobs = ROWS[label] if label in ROWS else ablation_knobs(label)
             work = copy.deepcopy(model)
@@ -108,6 +108,7 @@ def run(labels, ratios):
                    "block_ratio": 1 - saved["block_params"] / dense_block,
                    "model_ratio": 1 - saved["model_params"] / dense_model, "seconds": report.seconds,
                    "plc": report.plc, "betas": report.betas or None, "refine": report.refine or None,
+                   "tune": report.tune or None, "stage_seconds": report.stage_seconds,
                    "kept_per_layer": kept_per_layer(loaded)}
             if saved["pydoc"] is not None:
                 row["pydoc_ppl"] = saved["pydoc"].ppl
@@ -261,13 +262,14 @@ def main():
     ap.add_argument("--rows", default=",".join(ROWS), help="labels of ROWS and ABLATION")
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="measure the rows again even where a row exists")
     args = ap.parse_args()
     labels = args.rows.split(",")
     unknown = set(labels) - set(ROWS) - set(ABLATION)
     if unknown:
         raise SystemExit(f"unknown rows: {unknown}; choose from {', '.join([*ROWS, *ABLATION])}")
     if not args.render_only:
-        run(labels, [float(r) for r in args.ratios.split(",")])
+        run(labels, [float(r) for r in args.ratios.split(",")], args.rerun)
     render()
 
 

@@ -111,7 +111,7 @@ def align_within_budget(shapes: list[MatrixShape], ranks: dict, align, budget: i
 
     Each rank is rounded down to its multiple (solvers.rank.align_step), then what that frees is
     given back: whole steps of `align`, to the matrices whose next step is worth most (by
-    `importance` per parameter when given, else by the parameters rounding took from them), while
+    `importance` per parameter when given, else by how many ranks rounding took from them), while
     the total stays within `budget` and every matrix below its break-even rank. So the achieved
     ratio is the one asked for, within one step of the smallest aligned matrix.
     """

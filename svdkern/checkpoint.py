@@ -117,7 +117,8 @@ class Checkpoint:
         from .tune import DenseTargets
 
         path = os.path.join(self.dir, _rank_file("tune_targets"))
-        saved = self._on_every_rank(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)
+        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
+                                    if os.path.exists(path) else None)
         if saved is None:
             return None
         self._check(saved["fingerprint"])
@@ -130,7 +131,8 @@ class Checkpoint:
     def load_tuning(self):
         """The end-to-end tuning state after its last finished epoch (the same on every rank), or None."""
         path = os.path.join(self.dir, "tune_state.pt")
-        saved = self._on_every_rank(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)
+        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
+                                    if os.path.exists(path) else None)
         self._same_on_every_rank(None if saved is None else saved["state"]["epoch"])
         if saved is None:
             return None
@@ -171,8 +173,10 @@ class Checkpoint:
             os.rmdir(self.dir)
 
     def save(self, index: int, layer, arch: Architecture, streams: dict, report,
-             factors: bool = True) -> None:
-        """factors=False: the layer store has written the layer's factors itself."""
+             factors: bool = True, whole_layer: bool = False) -> None:
+        """factors=False: the layer store has written the layer's factors itself. whole_layer:
+        every parameter of the layer, not only the factors (a refinement that also trains the
+        norms, biases and dense matrices changed them)."""
         from safetensors.torch import save_file
 
         lead = distributed.rank() == 0  # every rank holds the same factors and report
@@ -183,6 +187,9 @@ class Checkpoint:
                 if isinstance(module, LowRankLinear):
                     tensors[name + ".U"] = module.U.detach().contiguous().cpu()
                     tensors[name + ".V"] = module.V.detach().contiguous().cpu()
+            if whole_layer:
+                tensors.update({k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()
+                                if k not in tensors})
             _atomic(lambda p: save_file(tensors, p), os.path.join(self.dir, f"layer_{index:04d}.safetensors"))
         stream_file = _stream_file(index)
         _atomic(lambda p: torch.save({k: [t.cpu() for t in v] for k, v in streams.items()}, p),

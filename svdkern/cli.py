@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end tuning also trains norm weights and the compressed linears' biases")
     _add_run_args(c)
     c.add_argument("--rank-align", type=_parse_align, default=None, metavar="auto|1|8|16|32|64",
-                   help="round ranks down to a multiple of this for aligned GPU kernel loads (the "
-                        "budget holds). auto (default): 64…8 where it drops at most 2%% of a rank; "
-                        "1: the papers' ranks")
+                   help="move ranks to multiples of this for aligned GPU kernel loads: each rounded down "
+                        "(auto, the default: 64…8 where it drops at most 2%% of the rank), then what that frees "
+                        "given back in whole steps within the same budget; 1: the papers' ranks")
     c.add_argument("--checkpoint-dir", default=None,
                    help="per-layer checkpoints for resuming (default: <out>.partial; under torchrun, on a file "
                         "system every rank reads)")

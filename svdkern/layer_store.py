@@ -50,6 +50,9 @@ class LayerStore:
             if name + ".U" in tensors:  # matrices the policy kept dense are not saved
                 linear = self.layers[i].get_submodule(name)
                 install(self.layers[i], name, tensors[name + ".U"], tensors[name + ".V"], linear)
+        rest = {k: v for k, v in tensors.items() if not k.endswith((".U", ".V"))}
+        if rest:  # a checkpoint of the whole layer (Checkpoint.save's whole_layer)
+            self.layers[i].load_state_dict(rest, strict=False)
 
     def weights_digest(self, model) -> str:
         """Exact values at fixed positions of every parameter (a resumed run must see the same)."""

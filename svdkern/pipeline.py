@@ -357,7 +357,8 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
             store.commit(i, layer)
             if ckpt is not None:
                 with timed("checkpoint I/O"):
-                    ckpt.save(i, layer, arch, streams, report, factors=not store.writes_factors)
+                    ckpt.save(i, layer, arch, streams, report, factors=not store.writes_factors,
+                              whole_layer=bool(cfg.refine_epochs) and RECIPES[cfg.refine_recipe].train_all)
         except KeyboardInterrupt:
             if ckpt is not None and distributed.rank() == 0:
                 log(f"\ninterrupted: layers 0..{i - 1} are saved in {ckpt.dir}; rerun the same "

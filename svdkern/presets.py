@@ -37,9 +37,10 @@ class CompressionConfig:
         SVD-LLM's solve, with the compressed stream kept for refinement); "fp" takes no β.
     holdout_batches: the last calibration micro-batches, never fitted by β selection or
         refinement steps, that choose β and the kept refinement state.
-    rank_align: round each rank down to a multiple of this (8 … 64: aligned, vectorized GPU
-        kernel loads; the budget holds), or "auto": 64…8 where it drops at most 2% of the rank
-        (solvers.rank.aligned_rank); 1 keeps the ranks of the papers' rules.
+    rank_align: move each rank to a multiple of this (8 … 64: aligned, vectorized GPU kernel
+        loads), or "auto": 64…8 where rounding down drops at most 2% of the rank (solvers.rank.
+        align_step); what rounding frees is given back within the budget (allocation.
+        align_within_budget); 1 keeps the ranks of the papers' rules.
     tune_epochs / tune_lr / tune_batch: end-to-end tuning (tune.py) after the layer-wise solve:
         epochs of AdamW steps (tune_batch windows each) on the factors toward the dense model's
         next-token distributions (KL on its top `tune_topk` tokens and the rest); 0 turns it off.

@@ -168,7 +168,7 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
         for p, flag, dtype in frozen:
             p.data = p.data.to(dtype)
             p.requires_grad_(flag)
-    if best_steps and any(p.dtype != torch.float32 for p in params):
+    if best_steps and recipe.keep_best and any(p.dtype != torch.float32 for p in params):
         # rounding back to the model's dtype can eat the gain: keep the original if it did
         best = relative_block_error(layer, run_layer, *_columns(select), device)
         if best > before:

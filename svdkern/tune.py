@@ -151,15 +151,19 @@ def checkpointed_layers(model: nn.Module):
     """Each decoder layer recomputes its forward in the backward pass (activation checkpointing):
     memory holds the layers' inputs, not their insides. The model stays in eval mode."""
     layers = model.get_submodule(architecture_of(model).layers_path)
-    originals = [layer.forward for layer in layers]
-    for layer, forward in zip(layers, originals):
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance's own forward (accelerate's hooks)
+    for layer in layers:
+        forward = layer.forward
         layer.forward = (lambda *a, forward=forward, **kw:
                          checkpoint(forward, *a, use_reentrant=False, **kw) if torch.is_grad_enabled() else forward(*a, **kw))
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # the instance attribute; the class's forward shows again
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward shows again
+            else:
+                layer.forward = forward
 
 
 @dataclass
@@ -222,21 +226,21 @@ def tune_end_to_end(model: nn.Module, windows: torch.Tensor, targets: DenseTarge
         with torch.no_grad():
             for p, m in zip(params, source):
                 if m is not p:
-                    p.copy_(m)
+                    p.copy_(m)  # also from the host copies of the kept state
 
     try:
         with checkpointed_layers(model):
             if saved_state is None:
                 state = {"epoch": 0, "history": [], "before": held_out_kl(), "steps": 0}
-                state.update(best=state["before"], best_epoch=0, best_params=[m.detach().clone() for m in masters])
+                state.update(best=state["before"], best_epoch=0, best_params=_on_host(masters))
             else:
-                state = saved_state
+                state = dict(saved_state)
                 with torch.no_grad():
-                    for m, saved in zip(masters, state["params"]):
+                    for m, saved in zip(masters, state.pop("params")):
                         m.copy_(saved)
                 copy_to_model(masters)
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["schedule"])
+                opt.load_state_dict(state.pop("optimizer"))  # moves the moments to the parameters' device
+                sched.load_state_dict(state.pop("schedule"))
             bar = tqdm(total=total, initial=state["steps"], desc="tune end-to-end", unit="step",
                        disable=not progress)
             for epoch in range(state["epoch"], cfg.tune_epochs):
@@ -250,21 +254,29 @@ def tune_end_to_end(model: nn.Module, windows: torch.Tensor, targets: DenseTarge
                 kl = held_out_kl()
                 state["history"].append(kl)
                 if kl < state["best"]:
-                    state.update(best=kl, best_epoch=epoch + 1, best_params=[m.detach().clone() for m in masters])
+                    state.update(best=kl, best_epoch=epoch + 1, best_params=_on_host(masters))
                 state["epoch"] = epoch + 1
                 bar.set_postfix(held_out_kl=f"{kl:.4f}")
                 if save_state is not None:
-                    save_state({**state, "params": [m.detach() for m in masters],
-                                "optimizer": opt.state_dict(), "schedule": sched.state_dict()})
+                    save_state({**state, "params": _on_host(masters), "optimizer": opt.state_dict(),
+                                "schedule": sched.state_dict()})
             bar.close()
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        for p, m in zip(params, masters):
+            p.grad = m.grad = None
     copy_to_model(state["best_params"])
-    log(f"end-to-end tuning: held-out KL {state['before']:.4f} -> {state['best']:.4f} nats/token "
-        f"(kept epoch {state['best_epoch']} of {cfg.tune_epochs})")
+    if distributed.rank() == 0:
+        log(f"end-to-end tuning: held-out KL {state['before']:.4f} -> {state['best']:.4f} nats/token "
+            f"(kept epoch {state['best_epoch']} of {cfg.tune_epochs})")
     return TuneResult(state["before"], state["best"], state["best_epoch"], state["history"], state["steps"],
                       sum(p.numel() for p in params))
+
+
+def _on_host(tensors) -> list:
+    """Copies on the CPU: the kept state and the checkpointed one take no device memory."""
+    return [t.detach().to("cpu", copy=True) for t in tensors]
 
 
 def _step(model, windows, targets, batch: list[int], mine: set, params, masters, opt, device) -> None:

@@ -247,8 +247,8 @@ def test_aligned_allocation_stays_in_budget_and_leaves_less_than_a_step(align):
         assert set(before) == {n for n in ranks if got[n] != ranks[n]}
         raisable = [s for s in shapes if s.name in steps and steps[s.name] > 1
                     and got[s.name] + steps[s.name] <= break_even_rank(s.m, s.n)]
-        if raisable:  # nothing more would fit: the budget is used to within one step
-            assert budget - spent < min(steps[s.name] * (s.m + s.n) for s in raisable)
+        assert raisable  # these shapes always leave some: nothing more fits, the budget is used
+        assert budget - spent < min(steps[s.name] * (s.m + s.n) for s in raisable)
 
 
 def _aa_svd_reference_steps(layer, inputs, targets, kwargs, epochs, lr):

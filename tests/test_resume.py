@@ -20,7 +20,7 @@ import svdkern.pipeline as pipeline
 from conftest import REPO, tiny_model
 
 QUIET = dict(progress=False, log=lambda *_: None)
-METHODS = ["svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd", "erc-svd", "best"]
+METHODS = ["svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd", "erc-svd", "best", "aa-svd"]
 LAYERS = 3
 
 
@@ -45,6 +45,8 @@ def assert_same_run(got, want):
     assert fg.keys() == fw.keys()
     for name in fw:
         assert torch.equal(fg[name][0], fw[name][0]) and torch.equal(fg[name][1], fw[name][1]), name
+    pg, pw = dict(got.named_parameters()), dict(want.named_parameters())  # norms too (aa-svd trains them)
+    assert pg.keys() == pw.keys() and all(torch.equal(pg[n], pw[n]) for n in pw)
     rg, rw = got._svdkern_report, want._svdkern_report
     for key in checkpoint.REPORT_FIELDS + ("allocation", "plc"):
         assert getattr(rg, key) == getattr(rw, key), key

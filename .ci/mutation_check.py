@@ -51,7 +51,7 @@ MUTANTS = {
     "tuning keeps its last epoch, not the best held-out one": (
         "svdkern/tune.py", '    copy_to_model(state["best_params"])', "    pass"),
     "tuning resume forgets the optimizer state": (
-        "svdkern/tune.py", '                opt.load_state_dict(state["optimizer"])', "                pass"),
+        "svdkern/tune.py", '                opt.load_state_dict(state.pop("optimizer"))', '                state.pop("optimizer")'),
     "tuning trains the norms without being asked": (
         "svdkern/tune.py", '        elif norms and "norm" in type(module).__name__.lower():',
         '        elif "norm" in type(module).__name__.lower():'),

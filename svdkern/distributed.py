@@ -30,16 +30,20 @@ def rank() -> int:
     return torch.distributed.get_rank() if _initialized() else 0
 
 
+def local_indices(count: int, batch_size: int) -> list[int]:
+    """The numbers of the windows in this rank's micro-batches (global batches r, r + W, …)."""
+    return [i for i in range(count) if (i // batch_size) % world() == rank()]
+
+
 def local_windows(windows: torch.Tensor, batch_size: int, allow_none: bool = False) -> torch.Tensor:
     """This rank's micro-batches, in order (the short last batch, if any, stays last)."""
-    starts = list(range(0, len(windows), batch_size))
-    mine = [windows[s:s + batch_size] for i, s in enumerate(starts) if i % world() == rank()]
+    mine = local_indices(len(windows), batch_size)
     if not mine:
         if allow_none:
             return windows[:0]
-        raise ValueError(f"{len(starts)} calibration micro-batches cannot feed {world()} ranks: raise "
-                         "nsamples or lower the batch size")
-    return torch.cat(mine)
+        raise ValueError(f"{-(-len(windows) // batch_size)} calibration micro-batches cannot feed {world()} ranks: "
+                         "raise nsamples or lower the batch size")
+    return windows[mine]
 
 
 def global_batch(local: int) -> int:

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import distributed
-from .head import chunk_tokens, chunked_sum, final_hidden, head_logits
+from .blocks import propagate
+from .head import chunk_tokens, chunked_sum, final_hidden, head_logits, head_only
 from .models import architecture_of
 from .nn import LowRankLinear
 
@@ -58,12 +59,6 @@ class DenseTargets:
         return cls(d["index"].tolist(), d["ids"], d["logp"], d["rest"])
 
 
-def my_windows(count: int, batch_size: int) -> list[int]:
-    """The global window numbers this rank holds: those of its calibration micro-batches
-    (distributed.local_windows), so the pipeline's captured activations are theirs, in order."""
-    return [i for i in range(count) if (i // batch_size) % distributed.world() == distributed.rank()]
-
-
 def _rest_logmass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log Σ over the tokens not in `ids` of exp(logp) (−inf where `ids` covers the vocabulary)."""
     return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
@@ -85,15 +80,12 @@ def dense_targets(model: nn.Module, store, inputs, windows: torch.Tensor, k: int
     pipeline runs, so a model larger than the device works), then the final norm and the head
     in token chunks; `windows` are all ranks' (this rank's are the micro-batches of `inputs`).
     """
-    from .blocks import propagate
-    from .head import head_only
-
     hidden = inputs.hidden
     for i in tqdm(range(len(store)), desc="dense targets", unit="layer", disable=not progress):
         layer = store.fetch(i)
         hidden = propagate(layer, hidden, inputs.kwargs[i], device, offload)
         store.put_back(i, layer)
-    mine = my_windows(len(windows), batch_size)
+    mine = distributed.local_indices(len(windows), batch_size)
     step = chunk_tokens(model.get_output_embeddings().weight.shape[0])
     ids, logp, rest = [], [], []
     with head_only(store.layers) as head:
@@ -203,7 +195,7 @@ def tune_end_to_end(model: nn.Module, windows: torch.Tensor, targets: DenseTarge
     if not named:
         raise ValueError("end-to-end tuning found no low-rank factors to train (every matrix stayed dense)")
     params = [p for _, p in named]
-    mine = set(my_windows(len(windows), batch_size))
+    mine = set(distributed.local_indices(len(windows), batch_size))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)

@@ -11,7 +11,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_method_oracles.py", "tests/test_solvers.py", "tests/test_pipeline.py",
-         "tests/test_resume.py", "tests/test_tune.py", "tests/test_allocation.py"]
+         "tests/test_resume.py", "tests/test_tune.py", "tests/test_allocation.py", "tests/test_output_weighting.py"]
 
 # name -> (file, original text, mutated text)
 MUTANTS = {
@@ -77,6 +77,26 @@ MUTANTS = {
         "svdkern/refine.py", '"aa-svd": Recipe(train_all=True,', '"aa-svd": Recipe(train_all=False,'),
     "aa-svd keeps its best state": (
         "svdkern/refine.py", "                if now < best or not recipe.keep_best:", "                if now < best:"),
+    # allocation oracles (allocation.py, sensitivity.py, policy.py)
+    "going dense gains one component, not the spectrum's tail": (
+        "svdkern/allocation.py", "        gain = float(imp[rank:].sum())", "        gain = float(imp[rank])"),
+    "importance weighs σ, not σ²": (
+        "svdkern/sensitivity.py", "weighted = sigma2 * (svd.U ** 2 * f[:, None]).sum(0)",
+        "weighted = svd.S * (svd.U ** 2 * f[:, None]).sum(0)"),
+    "the rank floor is half the one asked for": (
+        "svdkern/policy.py", "floor = {s.name: max(1, math.floor(cfg.min_rank_fraction",
+        "floor = {s.name: max(1, math.floor(0.5 * cfg.min_rank_fraction"),
+    # output-aware whitening (factorize.py, sensitivity.py, pipeline.py)
+    "output weighting leaves S in U": (
+        "svdkern/solvers/factorize.py", "        U1 = U1 / out_scale.to(U1)[:, None]", "        pass"),
+    "output weighting reads the group lead's Fisher": (
+        "svdkern/pipeline.py", "output_weights(fisher[prefix + name]", "output_weights(fisher[prefix + names[0]]"),
+    "a resumed run measures the Fisher again": (
+        "svdkern/pipeline.py", "fisher = ckpt.load_fisher() if ckpt is not None else None", "fisher = None"),
+    # EP's Δ filtered by the Gram (issue 22 part 2)
+    "two streams use the raw Δ": (
+        "svdkern/pipeline.py", "return visible_delta(delta, H, delta_damp_rel) if delta_damp_rel else delta",
+        "return delta"),
 }
 # the generic "all Grams first" mutant needs the untouched layer at hand
 SETUP = {"sc computes all group Grams before replacing any group (generic driver)": (

@@ -4,11 +4,11 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 
 import torch
 
 import svdkern
+from _harness import commit
 from svdkern.data import eval_windows, load_text, token_windows, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,10 +25,5 @@ def dev_protocol(nsamples=64, seqlen=512, windows=64, seed=0):
 
 
 def provenance() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=HERE).stdout.strip()
-    except OSError:
-        sha = "unknown"
-    return (f"{datetime.date.today().isoformat()}, commit {sha}, {platform.processor() or platform.machine()} "
+    return (f"{datetime.date.today().isoformat()}, commit {commit()}, {platform.processor() or platform.machine()} "
             f"CPU x{torch.get_num_threads()} threads, torch {torch.__version__}")

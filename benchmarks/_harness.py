@@ -2,14 +2,17 @@
 
 Times with triton.testing.do_bench over rotating input copies (cold L2: the set of copies is
 larger than L2), reports medians, and computes roofline floors from KERNELS.md §1 constants.
+Rows go to their files as each is measured (Rows), so a benchmark killed by its time limit
+keeps what it had measured.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import io
 import os
+import shutil
 import subprocess
-
 import sys
 
 import torch
@@ -19,6 +22,7 @@ if "--dry-run" in sys.argv:  # before anything imports triton: the interpreter i
 
 H100 = {"hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12}
 L2_BYTES = 50 * 2**20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def require_cuda(script: str, dry_run: bool = False) -> None:
@@ -116,13 +120,31 @@ def copy_bandwidth() -> float:
     return 2 * n / (ms * 1e-3)
 
 
+def commit(repo: str = REPO) -> str:
+    """The commit measured: $SVDKERN_COMMIT (the GPU suite sets it for its steps; the way to name
+    it on a machine without git), else git where it is installed, else a `.svdkern_commit` file
+    at the repository root (a fallback that can go stale, so git beats it), else 'unknown'."""
+    if os.environ.get("SVDKERN_COMMIT"):
+        return os.environ["SVDKERN_COMMIT"]
+    if shutil.which("git") is not None:
+        try:
+            done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+        except OSError:
+            pass
+    noted = os.path.join(repo, ".svdkern_commit")
+    if os.path.isfile(noted):
+        with open(noted) as f:
+            return f.read().strip() or "unknown"
+    return "unknown"
+
+
 def header() -> dict:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     import triton
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
-    return {"gpu": gpu, "date": datetime.date.today().isoformat(), "commit": sha,
+    return {"gpu": gpu, "date": datetime.date.today().isoformat(), "commit": commit(),
             "torch": torch.__version__, "triton": triton.__version__}
 
 
@@ -132,23 +154,61 @@ def results_path(out_dir: str | None, stem: str, gpu: str, ext: str) -> str:
     return os.path.join(folder, f"{stem}_{gpu.replace(' ', '_').replace('(', '').replace(')', '')}.{ext}")
 
 
-def write_markdown(path: str, title: str, meta: dict, rows: list[dict], notes: str = "") -> None:
-    """A markdown table of the rows under a header naming device, date and commit."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    cols = [c for c in rows[0] if c not in meta]
+def _title_lines(title: str, meta: dict, notes: str) -> list[str]:
     lines = [f"# {title}", "", f"Measured on {meta['gpu']}, {meta['date']}, commit {meta['commit']}, "
              f"torch {meta['torch']}, triton {meta['triton']}.", ""]
-    if notes:
-        lines += [notes, ""]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines + ([notes, ""] if notes else [])
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def _md_cell(value) -> str:
+    """A table cell on one line: a multi-line CUDA error would otherwise break the table."""
+    return "" if value is None else " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _md_row(values) -> str:
+    return "| " + " | ".join(_md_cell(v) for v in values) + " |"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a whole file atomically: a temporary name, then a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Rows:
+    """A benchmark's table, appended to <stem>_<GPU>.csv and .md one row at a time as measured.
+
+    Each row is written and flushed before the next is measured, so a run killed by its time
+    limit leaves every row it finished; the md before the csv, so whoever sees a row in the csv
+    finds it in the md too. The files are started anew by each run; the md's title and notes
+    come first, its column line with the first row.
+    """
+
+    def __init__(self, out_dir: str | None, stem: str, meta: dict, title: str, notes: str = ""):
+        self.meta, self.cols = meta, None
+        self.csv = results_path(out_dir, stem, meta["gpu"], "csv")
+        self.md = self.csv[:-4] + ".md"
+        write_text(self.md, "\n".join(_title_lines(title, meta, notes)) + "\n")
+        write_text(self.csv, "")
+
+    def add(self, row: dict) -> dict:
+        if self.cols is None:
+            self.cols = list(row)
+            shown = [c for c in self.cols if c not in self.meta]
+            self._append(self.md, _md_row(shown) + "\n|" + "---|" * len(shown) + "\n")
+            self._append(self.csv, ",".join(self.cols) + "\n")
+        self._append(self.md, _md_row(row.get(c) for c in self.cols if c not in self.meta) + "\n")
+        line = io.StringIO()
+        csv.writer(line).writerow([row.get(c) for c in self.cols])
+        self._append(self.csv, line.getvalue())
+        print({c: v for c, v in row.items() if c not in self.meta}, flush=True)
+        return row
+
+    @staticmethod
+    def _append(path: str, text: str) -> None:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()

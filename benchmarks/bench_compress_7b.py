@@ -5,7 +5,8 @@
 Random weights, --layers decoder layers (4) of Llama-7B's shapes, nsamples x 2048 calibration tokens, bf16
 model, fp32 statistics, fp32 SVDs. Each Gram path (SVDKERN_GRAM=blas: blocked cuBLAS panels;
 ext: the compiled hand kernels, when built) runs in its own process, so neither inherits the
-other's caches. --dry-run: a tiny model on the CPU (the blas path only).
+other's caches; each path's row is appended to results/compress_7b_<GPU>.md and .csv as it ends.
+--dry-run: a tiny model on the CPU (the blas path only).
 """
 import argparse
 import json
@@ -57,22 +58,20 @@ def main():
         return
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_compress_7b.py needs a CUDA device; none is visible (--dry-run: the CPU).")
-    from _harness import header, results_path, write_markdown
+    from _harness import Rows, header
 
-    rows = []
+    meta = header()
+    rows = Rows(args.out, "compress_7b", meta, f"SVD-LLM compression time, {args.layers} Llama-7B-shaped layers, "
+                "per Gram path", "ext runs the extension's kernels only when it is built (extension: true).")
     for gram in (("blas",) if args.dry_run else ("blas", "ext")):
         cmd = ([sys.executable, __file__, "--child", "--nsamples", str(args.nsamples), "--layers", str(args.layers)]
                + (["--dry-run"] if args.dry_run else []))
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SVDKERN_GRAM": gram})
         if out.returncode:
             raise SystemExit(f"the {gram} run failed:\n{out.stderr[-3000:]}")
-        rows.append({**header(), "layers": args.layers, "nsamples": args.nsamples,
-                     **json.loads(out.stdout.strip().splitlines()[-1])})
-        print(rows[-1], flush=True)
-    path = results_path(args.out, "compress_7b", rows[0]["gpu"], "md")
-    write_markdown(path, f"SVD-LLM compression time, {args.layers} Llama-7B-shaped layers, per Gram path", rows[0], rows,
-                   "ext runs the extension's kernels only when it is built (extension: true).")
-    print(f"wrote {path}")
+        rows.add({**meta, "layers": args.layers, "nsamples": args.nsamples,
+                  **json.loads(out.stdout.strip().splitlines()[-1])})
+    print(f"wrote {rows.md}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ On the CPU, memory is glibc's heap in use (mallinfo2), sampled every 2 ms.
 import argparse
 import json
 import os
-import resource
 import ctypes
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 import torch
 
 from _common import RESULTS, provenance
+from _harness import write_text
 
 METHODS = ["svd-llm", "sc-svd-llm", "ep-svd-llm", "saes-svd", "erc-svd", "best"]
 
@@ -168,8 +168,15 @@ def main():
                 raise SystemExit(proc.stderr[-3000:])
             got[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(got[layers]), flush=True)
-        small, large = got[args.layers], got[2 * args.layers]
-        rows.append((method, small, large))
+        rows.append((method, got[args.layers], got[2 * args.layers]))
+        # rewritten (atomically) after every method: a run stopped at its time limit keeps its rows
+        lines = table(rows, args, device)
+        write_text(os.path.join(args.out, f"engine_memory_scale{args.scale}_{device}.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def table(rows: list, args, device: str) -> list[str]:
+    """The markdown table of the methods measured so far."""
     width = 4096 // args.scale
     lines = [f"# Peak memory and layer forwards per method (LLaMA-7B shapes / {args.scale}: hidden {width}, "
              f"intermediate {11008 // args.scale}; {args.nsamples}x{args.seqlen} calibration tokens; ratio 0.4)",
@@ -193,14 +200,9 @@ def main():
                      f"{large['full_forwards'] / n2:.2f} | {large['early_exits'] / n2:.2f} "
                      f"({large['early_exit_equivalents'] / n2:.2f}) | {total32:.0f} | "
                      f"{large['seconds']:.1f} |")
-    lines += ["", "The floor is one full forward per layer and stream (SVD-LLM and SC 1, EP and SAES 2): "
-              "statistics can be gathered while a stream propagates. Early exits stop inside a layer, at the "
-              "input of the group being calibrated, so they cost a fraction of a forward."]
-    name = f"engine_memory_scale{args.scale}_{device}.md"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines + ["", "The floor is one full forward per layer and stream (SVD-LLM and SC 1, EP and SAES 2): "
+                    "statistics can be gathered while a stream propagates. Early exits stop inside a layer, at the "
+                    "input of the group being calibrated, so they cost a fraction of a forward."]
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """Fused low-rank linear vs two unfused matmuls vs dense nn.Linear, bf16, one GPU (issue 10).
 
-    python benchmarks/bench_lowrank.py [--dry-run] [--out DIR]
+    python benchmarks/bench_lowrank.py [--ratios 0.4] [--tokens 1,16,2048] [--name lowrank]
+                                       [--dry-run] [--out DIR]
 
 LLaMA-7B shapes (m, n) ∈ {(4096, 4096), (11008, 4096), (4096, 11008)} at ratios 0.2/0.4/0.6, with
 the rank the papers' rule gives ("raw", never a multiple of 8) and that rank rounded down to a
-multiple of 64 ("aligned 64", as rank_align=64 builds it), T ∈ {1, 4, 16, 64, 512, 2048}.
+multiple of 64 ("aligned 64", as rank_align=64 builds it), T ∈ {1, 4, 16, 64, 512, 2048};
+--ratios and --tokens pick a subset (the GPU suite first runs 0.4 at T = 1, 16, 2048).
 Columns: eager median ms (cold L2 over rotating copies) and CUDA-graph replay ms per call (launch
 overhead gone) for the fused kernel, two F.linear calls and the dense layer; the fused path's
 two kernels timed alone (shrink, expand); % of the HBM floor and of the bf16 tensor-core floor.
-Writes results/lowrank_<GPU>.csv and .md. --dry-run: tiny shapes on the CPU (Triton
-interpreter), so the script cannot rot between GPU sessions.
+Each row is appended to results/<name>_<GPU>.csv and .md as it is measured. --dry-run: tiny
+shapes on the CPU (Triton interpreter), so the script cannot rot between GPU sessions.
 """
 import torch
 import torch.nn.functional as F
 
-from _harness import (H100, bench_device, bench_parser, graph_ms, header, results_path, rotating,
-                      time_ms, write_csv, write_markdown)
+from _harness import H100, Rows, bench_device, bench_parser, graph_ms, header, rotating, time_ms
 from svdkern.backends import triton_lowrank
 from svdkern.solvers.rank import aligned_rank, rank_for_ratio
 
@@ -45,26 +46,31 @@ def kernels(x, U, V):
 
 
 def main():
-    args = bench_parser(__doc__).parse_args()
+    ap = bench_parser(__doc__)
+    ap.add_argument("--ratios", default=None, help="comma-separated (default 0.2,0.4,0.6; dry run 0.4)")
+    ap.add_argument("--tokens", default=None, help="comma-separated T (default all six; dry run 1,20)")
+    ap.add_argument("--name", default="lowrank", help="stem of the result files")
+    args = ap.parse_args()
     device = bench_device(args, __file__)
     dtype = torch.float16 if args.dry_run else torch.bfloat16  # the interpreter has no bf16
-    shapes, ratios, tokens = ((SHAPES, RATIOS, TOKENS) if not args.dry_run
-                              else ([(96, 80)], [0.4], [1, 20]))
+    shapes = [(96, 80)] if args.dry_run else SHAPES
+    ratios = parse_list(args.ratios, float, [0.4] if args.dry_run else RATIOS)
+    tokens = parse_list(args.tokens, int, [1, 20] if args.dry_run else TOKENS)
     meta = header()
-    rows = []
+    rows = Rows(args.out, args.name, meta, "Fused low-rank linear vs unfused vs dense (bf16)",
+                "ms are medians; graph = CUDA-graph replay per call; % floor = HBM floor / "
+                "fused eager time; x_dense = dense / fused (eager and graph).")
     for m, n in shapes:
         for ratio in ratios:
             raw = rank_for_ratio(m, n, ratio)
             for variant, k in (("raw", raw), ("aligned 64", aligned_rank(raw, 64 if not args.dry_run else 8))):
                 for T in tokens:
-                    rows.append(measure(meta, device, dtype, m, n, ratio, variant, k, T))
-                    print(rows[-1], flush=True)
-    csv_path = results_path(args.out, "lowrank", meta["gpu"], "csv")
-    write_csv(csv_path, rows)
-    write_markdown(csv_path[:-4] + ".md", "Fused low-rank linear vs unfused vs dense (bf16)", meta, rows,
-                   "ms are medians; graph = CUDA-graph replay per call; % floor = HBM floor / "
-                   "fused eager time; x_dense = dense / fused (eager and graph).")
-    print(f"wrote {csv_path} and .md")
+                    rows.add(measure(meta, device, dtype, m, n, ratio, variant, k, T))
+    print(f"wrote {rows.csv} and .md")
+
+
+def parse_list(text: str | None, kind, default: list) -> list:
+    return default if text is None else [kind(v) for v in text.split(",")]
 
 
 def measure(meta, device, dtype, m, n, ratio, variant, k, T):

@@ -11,12 +11,13 @@ Gram H += XᵀX, n ∈ {576, 4096, 11008}, 32K bf16 tokens in chunks of 2K/8K, f
 - mm bf16→fp32: the full product with fp32 output.
 Each row gives ms, TFLOP/s counted on the full n²·T product, and the max error against fp64.
 Whitening: damped Cholesky + triangular solve vs `cholesky` + explicit inverse, fp64.
+Each row is appended to results/stats_<GPU>.csv and .md as it is measured.
 --dry-run: tiny shapes on the CPU (the paths a CPU lacks are skipped) so the script cannot rot.
 """
 import torch
 
 import svdkern
-from _harness import bench_device, bench_parser, header, results_path, time_ms, write_csv, write_markdown
+from _harness import Rows, bench_device, bench_parser, header, time_ms
 from svdkern.backends import torch_ops
 from svdkern.solvers.whiten import symmetrize
 
@@ -68,7 +69,8 @@ def main():
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     sizes, total, chunks = (SIZES, TOTAL_TOKENS, (2048, 8192)) if not args.dry_run else ([33, 70], 256, (64,))
     meta = header()
-    rows = []
+    rows = Rows(args.out, "stats", meta, "Gram accumulation and whitening paths",
+                f"Gram over {total} tokens per row; rel_err = max |H − H_fp64| / max |H_fp64|.")
     for n in sizes:
         for chunk in chunks:
             X = torch.randn(total // chunk, chunk, n, device=device, dtype=dtype)
@@ -85,10 +87,9 @@ def main():
                         fn(H, x)
 
                 ms = time_ms(lambda H: run(H), [(H,)])
-                rows.append({**meta, "op": "gram", "path": name, "n": n, "chunk": chunk, "ms": round(ms, 3),
-                             "tflops": round(2 * total * n * n / (ms * 1e-3) / 1e12, 1),
-                             "rel_err": f"{err:.1e}"})
-                print(rows[-1], flush=True)
+                rows.add({**meta, "op": "gram", "path": name, "n": n, "chunk": chunk, "ms": round(ms, 3),
+                          "tflops": round(2 * total * n * n / (ms * 1e-3) / 1e12, 1),
+                          "rel_err": f"{err:.1e}"})
         A = torch.randn(n + 64, n, device=device, dtype=torch.float64)
         Hw = A.T @ A
         W = torch.randn(1024 if not args.dry_run else 16, n, device=device, dtype=torch.float64)
@@ -102,14 +103,9 @@ def main():
 
         for name, fn in (("cholesky + solve", whiten_ours), ("cholesky + inverse", whiten_inverse)):
             ms = time_ms(fn, [(Hw,)])
-            rows.append({**meta, "op": "whiten", "path": name, "n": n, "chunk": None, "ms": round(ms, 3),
-                         "tflops": None, "rel_err": None})
-            print(rows[-1], flush=True)
-    csv_path = results_path(args.out, "stats", meta["gpu"], "csv")
-    write_csv(csv_path, rows)
-    write_markdown(csv_path[:-4] + ".md", "Gram accumulation and whitening paths", meta, rows,
-                   f"Gram over {total} tokens per row; rel_err = max |H − H_fp64| / max |H_fp64|.")
-    print(f"wrote {csv_path} and .md")
+            rows.add({**meta, "op": "whiten", "path": name, "n": n, "chunk": None, "ms": round(ms, 3),
+                      "tflops": None, "rel_err": None})
+    print(f"wrote {rows.csv} and .md")
 
 
 if __name__ == "__main__":

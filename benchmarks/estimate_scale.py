@@ -39,6 +39,7 @@ import time
 import torch
 
 from _common import RESULTS, provenance
+from _harness import write_text
 
 SHAPES = {  # hidden, intermediate, key/value width, layers, vocabulary (LLaMA-2)
     "LLaMA-7B": (4096, 11008, 4096, 32, 32000),
@@ -151,29 +152,19 @@ def main():
             raise SystemExit(proc.stderr[-3000:])
         runs[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(runs[layers]), flush=True)
-    print("\n".join(table(runs, args, scale, device)))
+        # rewritten (atomically) after each run: one stopped at its time limit keeps the first
+        lines = table(runs, args, scale, device)
+        name = "scale_estimate_dry_run.md" if args.dry_run else f"scale_estimate_{device}.md"
+        write_text(os.path.join(args.out, name), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def table(runs: dict, args, scale: int, device: str) -> list[str]:
+    """The measured runs' table, then (once both depths ran) the per-layer costs and the estimates."""
     L, L2 = args.layers, 2 * args.layers
     hidden, inter, kv, _, vocab = SHAPES["LLaMA-7B"]
     measured = (hidden // scale, inter // scale, kv // scale)
-    tokens, micro = args.nsamples * args.seqlen, 8 * args.seqlen
-    per_layer = {}
-    for stage, kind in STAGES.items():
-        grown = runs[L2]["stages"].get(stage, 0.0) - runs[L]["stages"].get(stage, 0.0)
-        per_layer[kind] = per_layer.get(kind, 0.0) + max(grown, 0.0) / L
-    w = work(*measured)
-    unit = {"forward": per_layer["forward"] / (tokens * w["forward"]),
-            "statistics": per_layer["statistics"] / (tokens * w["statistics"]),
-            "solves": per_layer["solves"] / w["solves"], "io": per_layer["io"] / w["io"]}
     cuda = device == "cuda"
-    itemsize, solve_itemsize = (2, 4) if cuda else (4, 8)
-    peak_key = "peak_device" if cuda else "peak_host"
-    peak = max(runs[L][peak_key], runs[L2][peak_key])
-    # on a GPU the device holds one micro-batch's activations; on the CPU the host holds them all
-    ratio = peak / working_set(*measured, vocab // scale, micro if cuda else tokens, itemsize, solve_itemsize)
-    gib = 2 ** 30
     lines = ["# Compressing LLaMA-7B and LLaMA-70B: memory and time, estimated from measured layers",
              "", f"Measured {provenance()}, device {device}"
              + (f" ({torch.cuda.get_device_name()})" if cuda else "") + ". Command: "
@@ -184,10 +175,27 @@ def table(runs: dict, args, scale: int, device: str) -> list[str]:
              "| layers | seconds | " + " | ".join(STAGES) + " | peak host MiB above start | peak device MiB |",
              "|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for n in (L, L2):
+        if n not in runs:
+            return lines + ["", f"The {L2}-layer run did not finish: no per-layer cost, no estimate."]
         r = runs[n]
         lines.append(f"| {n} | {r['seconds']:.1f} | " + " | ".join(f"{r['stages'].get(s, 0.0):.2f}" for s in STAGES)
                      + f" | {r['peak_host'] / 2**20:.0f} | "
                      + (f"{r['peak_device'] / 2**20:.0f} |" if r["peak_device"] else "- |"))
+    tokens, micro = args.nsamples * args.seqlen, 8 * args.seqlen
+    per_layer = {}
+    for stage, kind in STAGES.items():
+        grown = runs[L2]["stages"].get(stage, 0.0) - runs[L]["stages"].get(stage, 0.0)
+        per_layer[kind] = per_layer.get(kind, 0.0) + max(grown, 0.0) / L
+    w = work(*measured)
+    unit = {"forward": per_layer["forward"] / (tokens * w["forward"]),
+            "statistics": per_layer["statistics"] / (tokens * w["statistics"]),
+            "solves": per_layer["solves"] / w["solves"], "io": per_layer["io"] / w["io"]}
+    itemsize, solve_itemsize = (2, 4) if cuda else (4, 8)
+    peak_key = "peak_device" if cuda else "peak_host"
+    peak = max(runs[L][peak_key], runs[L2][peak_key])
+    # on a GPU the device holds one micro-batch's activations; on the CPU the host holds them all
+    ratio = peak / working_set(*measured, vocab // scale, micro if cuda else tokens, itemsize, solve_itemsize)
+    gib = 2 ** 30
     lines += ["", f"Per layer: forward {per_layer['forward']:.2f} s, statistics {per_layer['statistics']:.2f} s, "
               f"solves {per_layer['solves']:.2f} s, shard I/O {per_layer['io']:.2f} s. Peak "
               f"{'device' if cuda else 'host'} memory from {L} to {L2} layers grew by "
@@ -216,10 +224,6 @@ def table(runs: dict, args, scale: int, device: str) -> list[str]:
               "script's docstring); one-time costs (capture of the first layer's input, the final save) are "
               f"left out. All-reduce at an assumed {args.link_gbs:g} GB/s. Eight devices still solve each "
               "layer's seven matrices on seven ranks, so the solves shrink less than the forward passes."]
-    os.makedirs(args.out, exist_ok=True)
-    name = "scale_estimate_dry_run.md" if args.dry_run else f"scale_estimate_{device}.md"
-    with open(os.path.join(args.out, name), "w") as f:
-        f.write("\n".join(lines) + "\n")
     return lines
 
 

@@ -36,6 +36,9 @@ ABLATION = {
     "ep-svd-llm + block refinement": ("ep-svd-llm", {"refine_epochs": None}),
     "ep-svd-llm + end-to-end tuning": ("ep-svd-llm", {"tune_epochs": 2}),
     "best + end-to-end tuning": ("best", {"tune_epochs": 2}),
+    # power 0.5 chosen on held-out calibration windows (0 / 0.5 / 1 on EP at 0.2)
+    "ep-svd-llm + output-aware whitening": ("ep-svd-llm", {"output_weighting": 0.5, "sensitivity_samples": 16}),
+    "best + output-aware whitening": ("best", {"output_weighting": 0.5}),
 }
 PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD, "ep-svd-llm + end-to-end tuning",
          "best + end-to-end tuning")

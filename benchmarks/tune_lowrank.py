@@ -14,11 +14,10 @@ to --out. --dry-run: tiny shapes and two candidates on the CPU (Triton interpret
 import datetime
 import os
 import shutil
-import subprocess
 
 import torch
 
-from _harness import bench_device, bench_parser
+from _harness import bench_device, bench_parser, commit
 from svdkern.backends import lowrank_configs, triton_lowrank
 from svdkern.solvers.rank import aligned_rank, rank_for_ratio
 
@@ -82,9 +81,7 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     buckets = (1, 32) if args.dry_run else DECODE_BUCKETS + PREFILL_BUCKETS
     gpu = torch.cuda.get_device_name() if not args.dry_run else "cpu dry run"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    provenance = {"date": datetime.date.today().isoformat(), "commit": sha, "torch": torch.__version__,
+    provenance = {"date": datetime.date.today().isoformat(), "commit": commit(), "torch": torch.__version__,
                   "hidden": hidden, "intermediate": inter, "ratios": ratios}
     path = (lowrank_configs.table_path(gpu) if not args.dry_run
             else os.path.join(args.out or ".", os.path.basename(lowrank_configs.table_path(gpu))))

@@ -112,6 +112,33 @@ class Checkpoint:
         if distributed.rank() == 0:  # every rank allocated the same ranks
             _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
 
+    def load_fisher(self):
+        """The outputs' Fisher sensitivity the interrupted run measured (the same on every rank), or None."""
+        path = os.path.join(self.dir, "fisher.pt")
+        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
+                                    if os.path.exists(path) else None)
+        self._same_on_every_rank(saved is not None)
+        if saved is None:
+            return None
+        self._check(saved["fingerprint"])
+        return saved["fisher"]
+
+    def kept_before_layers(self) -> str:
+        """What a rerun of an interrupted run finds before its first layer, in words."""
+        kept = [what for name, what in (("allocation.json", "the ranks"), ("fisher.pt", "the Fisher measurement"),
+                                        (_rank_file("tune_targets"), "the tuning targets"))
+                if os.path.exists(os.path.join(self.dir, name))]
+        if not kept:
+            return f"nothing was saved yet in {self.dir}; a rerun starts afresh"
+        verb = "is" if len(kept) == 1 else "are"
+        return f"{' and '.join(kept)} {verb} saved in {self.dir}; rerun the same command to resume from there"
+
+    def save_fisher(self, fisher: dict) -> None:
+        if distributed.rank() == 0:  # every rank holds the same all-reduced sums
+            record = {"fingerprint": self.fingerprint, "fisher": fisher}
+            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "fisher.pt"))
+        distributed.barrier()
+
     def load_targets(self):
         """The dense model's tuning targets this rank saved (tune.DenseTargets), or None."""
         from .tune import DenseTargets
@@ -162,12 +189,13 @@ class Checkpoint:
         distributed.barrier()
 
     def _remove_files(self) -> None:
-        for name in ("progress.json", "allocation.json", "tune_state.pt"):  # first: no dangling progress
+        for name in ("progress.json", "allocation.json", "tune_state.pt", "fisher.pt"):  # first: no dangling progress
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
         for name in os.listdir(self.dir):
             base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
-            if base.startswith(("layer_", "streams_", "tune_")) or base in ("progress.json", "allocation.json"):
+            if base.startswith(("layer_", "streams_", "tune_")) or base in ("progress.json", "allocation.json",
+                                                                             "fisher.pt"):
                 os.remove(os.path.join(self.dir, name))
         if not os.listdir(self.dir):
             os.rmdir(self.dir)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows of the sensitivity measurement (default: all)")
     c.add_argument("--min-rank-fraction", type=float, default=None,
                    help="sensitivity policy: no matrix below this fraction of its uniform rank")
+    c.add_argument("--output-weighting", type=float, default=None, metavar="POWER",
+                   help="output-aware whitening: weigh each output channel in the solve by its measured "
+                        "Fisher sensitivity to this power (0 = off, 1 = the diagonal-Fisher loss)")
     c.add_argument("--refine-epochs", type=int, default=None,
                    help="block refinement: passes of Adam steps on each block's factors (0 = off)")
     c.add_argument("--refine-lr", type=float, default=None, help="block refinement step size")
@@ -251,6 +254,7 @@ def cmd_compress(args) -> int:
              "plc_step": args.plc_step, "plc_samples": args.plc_samples, "whitening": args.whitening,
              "beta_grid": args.alpha_grid, "layer_policy": args.policy,
              "sensitivity_samples": args.sensitivity_samples, "min_rank_fraction": args.min_rank_fraction,
+             "output_weighting": args.output_weighting,
              "refine_epochs": args.refine_epochs, "refine_lr": args.refine_lr,
              "holdout_batches": args.holdout_batches, "rank_align": args.rank_align,
              "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr, "tune_batch": args.tune_batch,

@@ -9,8 +9,8 @@ model is still on the meta device, so the factors load like any weights (device_
 Without svdkern, transformers only warns about an unknown quantization method and would build a
 dense model with random linear layers. So the weights file also holds a one-element marker under
 the first compressed module's dense `weight` name: a stock load then stops on a size mismatch,
-never silently, after a report that lists a key naming the fix (HINT_KEY) and a warning about
-the unknown method "svdkern".
+never silently, after a warning whose first line names the fix (the method's name, QUANT_METHOD)
+and a report that lists a key naming it again (HINT_KEY).
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .models import set_submodule
 from .nn import LowRankLinear
 
-QUANT_METHOD = "svdkern"
+# The name is the first line a stock load prints ("Unknown quantization type, got …"), so it says
+# what to do. Directories saved before it carry the plain name, still read (LEGACY_METHOD).
+QUANT_METHOD = "svdkern: pip install svdkern and import svdkern before from_pretrained"
+LEGACY_METHOD = "svdkern"
 FORMAT_VERSION = 2
 HINT_KEY = "svdkern_factors.pip_install_svdkern_and_import_svdkern_before_from_pretrained"
 
@@ -30,6 +33,7 @@ class CheckpointError(ValueError):
     """A missing, corrupt, mismatched or too new svdkern checkpoint."""
 
 
+@register_quantization_config(LEGACY_METHOD)
 @register_quantization_config(QUANT_METHOD)
 class SvdkernConfig(QuantizationConfigMixin):
     """The per-module ranks of a compressed model (and the marker's name)."""
@@ -66,6 +70,7 @@ def marked_state_dict(model, config: SvdkernConfig, dtype=None) -> dict:
     return state
 
 
+@register_quantizer(LEGACY_METHOD)
 @register_quantizer(QUANT_METHOD)
 class SvdkernQuantizer(HfQuantizer):
     """Builds LowRankLinear modules of the saved ranks before the factors load."""

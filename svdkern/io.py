@@ -15,7 +15,8 @@ import tempfile
 import torch
 
 from .blocks import pad_ranks
-from .hf_quantizer import FORMAT_VERSION, QUANT_METHOD, CheckpointError, mark_compressed, marked_state_dict
+from .hf_quantizer import (FORMAT_VERSION, LEGACY_METHOD, QUANT_METHOD, CheckpointError, mark_compressed,
+                           marked_state_dict)
 
 WEIGHTS = "model.safetensors"
 METADATA = "svdkern.json"
@@ -196,7 +197,7 @@ def check_directory(directory: str) -> None:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was saved by a newer svdkern (format {version}; this one reads up "
                               f"to {FORMAT_VERSION}): upgrade svdkern (pip install -U svdkern)")
-    if version < FORMAT_VERSION or quant.get("quant_method") != QUANT_METHOD:
+    if version < FORMAT_VERSION or quant.get("quant_method") not in (QUANT_METHOD, LEGACY_METHOD):
         raise CheckpointError(f"{directory} has format {version}, from an older svdkern that stock transformers "
                               "cannot load: compress the model again to re-save it")
     shards = [weights_path]

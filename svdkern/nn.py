@@ -1,4 +1,4 @@
-"""LowRankLinear: a drop-in for nn.Linear that stores W ≈ U V and computes U(Vx) + b."""
+"""LowRankLinear: a drop-in for nn.Linear that stores W ≈ U V and computes U(Vx) + b; warm_up."""
 from __future__ import annotations
 
 import torch
@@ -71,6 +71,27 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def warm_up(module: nn.Module, token_counts=(1,)) -> int:
+    """Run every LowRankLinear in `module` once per token count, outside CUDA-graph capture.
+
+    Capture cannot compile, autotune or load a kernel, so call this before capturing a step
+    (e.g. a decode step) with each token count the graph will see: rows per call, i.e. batch x
+    tokens per step. A launch inside capture that was not warmed raises NotWarmedUpError.
+    Returns the number of layers run.
+    """
+    counts = [int(t) for t in token_counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"token_counts must be positive integers; got {tuple(token_counts)}")
+    layers = [m for m in module.modules() if isinstance(m, LowRankLinear)]
+    with torch.no_grad():
+        for layer in layers:
+            for tokens in counts:
+                layer(torch.zeros(tokens, layer.in_features, device=layer.U.device, dtype=layer.U.dtype))
+    for device in {layer.U.device for layer in layers if layer.U.is_cuda}:
+        torch.cuda.synchronize(device)  # every GPU's launches done before the caller captures
+    return len(layers)
 
 
 def install(layer: nn.Module, name: str, U, V, linear: nn.Linear) -> None:

@@ -24,12 +24,13 @@ from .layer_store import LayerStore
 from .models import Architecture, architecture_of
 from .nn import LowRankLinear, install
 from .allocation import uniform_ranks
-from .policy import aligned, allocate, matrix_shapes
+from .policy import aligned, allocate, matrix_shapes, measure_fisher
 from .host import peak_rss, reset_peak_rss
 from .presets import CompressionConfig
 from .refine import RECIPES, refine_block
+from .sensitivity import output_weights
 from .solvers.aces import aces_beta, aces_coefficients
-from .solvers.factorize import factors_from_svd, svd_of, target, truncation_error
+from .solvers.factorize import factors_from_svd, svd_of, target, truncation_error, visible_delta
 from .solvers.rank import RatioError, check_saves_parameters, residual_rank
 from .solvers.select import select_beta
 from .solvers.whiten import whiten
@@ -91,10 +92,11 @@ class CompressionReport:
 
 def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionConfig, ranks: dict,
                    report: CompressionReport, prefix: str, delta: torch.Tensor | None = None,
-                   held_out=None, first: int = 0, share: bool = True) -> list:
+                   held_out=None, first: int = 0, share: bool = True, fisher: dict | None = None) -> list:
     """Replace the linears `names` of `layer` (sharing Gram H, and Δ for two streams).
 
     ranks: {"layer.name": rank}; a rank of None keeps that matrix dense.
+    fisher: {"layer.name": per-output Fisher}, for output-aware whitening (cfg.output_weighting).
     held_out: (H_fit, Δ_fit, H_val, Δ_val) when β is chosen per matrix from `cfg.beta_grid`.
     Under torch.distributed the group's matrices are spread over the ranks (the layer's matrix
     number `first + j` goes to rank (first + j) mod world) and their factors broadcast, at once
@@ -122,15 +124,17 @@ def compress_group(layer: nn.Module, names, H: torch.Tensor, cfg: CompressionCon
             if wh_fit is None:
                 wh_fit = whiten(held_out[0], cfg.whitening, cfg.damp_rel, cfg.max_damp_rel)
             beta, _ = select_beta(W, wh_fit, *held_out[1:], rank, rr, cfg.beta_grid, cfg.svd_dtype)
+        scale = output_weights(fisher[prefix + name], cfg.output_weighting) if cfg.output_weighting else None
         if cfg.aces:
-            S = target(W, wh)
+            S = target(W, wh, out_scale=scale)
             D = wh.right_inv_t(W.double() @ delta)
+            D = D if scale is None else scale.to(D)[:, None] * D
             coef = aces_coefficients(S, D, rank - rr, svd_of(S, cfg.svd_dtype))
             beta = aces_beta(coef, cfg.aces_range)
         if delta is not None:
             report.betas[prefix + name] = beta
-        svd = svd_of(target(W, wh, delta, beta), cfg.svd_dtype)
-        U, V = factors_from_svd(W, svd, wh, rank, rr, cfg.svd_dtype)
+        svd = svd_of(target(W, wh, delta, beta, scale), cfg.svd_dtype)
+        U, V = factors_from_svd(W, svd, wh, rank, rr, cfg.svd_dtype, scale)
         report.truncation[prefix + name] = truncation_error(svd, rank - rr)
         install(layer, name, U, V, linear)
         report.ranks[prefix + name] = rank
@@ -195,15 +199,21 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 saved = ckpt.load_allocation() if ckpt is not None else None  # refuses other settings
             with timed("capture"):
                 inputs = capture_layer_inputs(model, layers, windows, batch_size, device, offload)
-            if saved is None:
-                with timed("allocation"):
-                    ranks, details = allocate(model, store, arch, calibration, inputs, cfg, device, offload,
-                                              batch_size, progress, log)
-                if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
-                    with timed("checkpoint I/O"):
-                        ckpt.save_allocation(ranks, details)
-            else:
-                ranks, details = saved
+            try:
+                fisher = (_fisher(model, store, arch, calibration, cfg, batch_size, device, offload, ckpt, progress)
+                          if cfg.needs_fisher and (saved is None or cfg.output_weighting) else None)
+                if saved is None:
+                    with timed("allocation"):
+                        ranks, details = allocate(store, arch, inputs, cfg, device, offload, progress, log, fisher)
+                    if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
+                        with timed("checkpoint I/O"):
+                            ckpt.save_allocation(ranks, details)
+                else:
+                    ranks, details = saved
+            except KeyboardInterrupt:
+                if ckpt is not None and distributed.rank() == 0:
+                    log(f"\ninterrupted before any layer was compressed: {ckpt.kept_before_layers()}")
+                raise
             report.allocation = ranks
             report.aligned_ranks = dict(details.get("aligned_from", {}))
             details = {k: v for k, v in details.items() if k != "aligned_from"}
@@ -211,7 +221,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                 report.plc = details
             targets = (_tuning_targets(model, store, inputs, calibration, cfg, batch_size, device, offload, ckpt,
                                        progress) if cfg.tune_epochs else None)
-            _sequential(store, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log)
+            _sequential(store, arch, cfg, report, inputs, ranks, device, offload, progress, ckpt, log,
+                        fisher if cfg.output_weighting else None)
             if cfg.tune_epochs:
                 del inputs  # the layer-wise streams are done with; tuning runs whole windows
                 _tune(model, calibration, targets, cfg, batch_size, device, ckpt, report, progress, log)
@@ -230,6 +241,19 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
     report.model_params_after = sum(p.numel() for p in model.parameters())
     model._svdkern_report = report
     return report
+
+
+def _fisher(model, store, arch, windows, cfg, batch_size, device, offload, ckpt, progress) -> dict:
+    """The outputs' Fisher sensitivity, measured once: an interrupted run reads it back."""
+    with timed("checkpoint I/O"):
+        fisher = ckpt.load_fisher() if ckpt is not None else None
+    if fisher is None:
+        with timed("allocation"):
+            fisher = measure_fisher(model, store, arch, windows, cfg, batch_size, device, offload, progress)
+        if ckpt is not None:
+            with timed("checkpoint I/O"):
+                ckpt.save_fisher(fisher)
+    return fisher
 
 
 def _tuning_targets(model, store, inputs, windows, cfg, batch_size, device, offload, ckpt, progress):
@@ -285,7 +309,7 @@ def _plain_svd(store: LayerStore, arch, cfg, report, ranks, progress):
 
 
 def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks, device, offload, progress,
-                ckpt, log):
+                ckpt, log, fisher: dict | None = None):
     streams = {"fp": inputs.hidden} if cfg.stream == "fp" else {"compressed": list(inputs.hidden)}
     if cfg.stream == "both":
         streams["fp"] = inputs.hidden
@@ -314,7 +338,7 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
                 for group, st in zip(arch.groups, stats):
                     with timed("solves"):
                         solved_elsewhere += compress_group(layer, group, st.mean(), cfg, ranks, report, prefix,
-                                                           first=first, share=False)
+                                                           first=first, share=False, fisher=fisher)
                     first += len(group)
                 with timed("solves"):
                     distributed.share_solves(layer, prefix, solved_elsewhere, report)
@@ -346,10 +370,10 @@ def _sequential(store: LayerStore, arch, cfg, report, inputs: LayerInputs, ranks
                         fp_stats = fp_inputs
                     H, delta, held_out = _group_stats(layer.get_submodule(group[0]).in_features, fp_stats, g,
                                                       x_hat, len(kwargs), device, prefix + group[0], holdout,
-                                                      global_batches)
+                                                      global_batches, cfg.delta_damp_rel)
                     with timed("solves"):
                         compress_group(layer, group, H, cfg, ranks, report, prefix, delta, held_out,
-                                       first=sum(len(x) for x in arch.groups[:g]))
+                                       first=sum(len(x) for x in arch.groups[:g]), fisher=fisher)
                 if cfg.refine_epochs:
                     _refine(layer, streams["compressed"], streams["fp"], kwargs, cfg, report, i, device)
                 streams["compressed"] = (stages.outputs() if stages is not None else
@@ -430,14 +454,17 @@ def _fp_group_inputs(original, arch, hidden, kwargs, device, offload, budget_byt
 
 
 def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name: str, holdout: int = 0,
-                 global_batches: int | None = None):
+                 global_batches: int | None = None, delta_damp_rel: float = 0.0):
     """Ĥ and Δ (Δ against the FP stream's inputs, for two streams) for group g.
 
     x_hat_of(b): the compressed stream's input of the group for micro-batch b (n channels).
     Returns (H, Δ, held_out): held_out is None, or (H_fit, Δ_fit, H_val, Δ_val) split at the last
     `holdout` micro-batches (of all ranks' `global_batches`, under torch.distributed), for choosing β
-    per matrix.
+    per matrix. Each Δ is filtered by its H (factorize.visible_delta) when delta_damp_rel > 0.
     """
+    def visible(delta, H):
+        return visible_delta(delta, H, delta_damp_rel) if delta_damp_rel else delta
+
     parts = 2 if holdout and fp_inputs is not None else 1  # split only when β is chosen
     split = (global_batches or batches) - holdout
     grams = [GramStats(n, device, name=name) for _ in range(parts)]
@@ -449,9 +476,12 @@ def _group_stats(n: int, fp_inputs, g: int, x_hat_of, batches: int, device, name
         if crosses is not None:
             crosses[part].add(fp_inputs.get(g, b).to(device), x_hat)
     if parts == 1:
-        return grams[0].mean(), (crosses[0].mean() if crosses is not None else None), None
-    held_out = (grams[0].mean(), crosses[0].mean(), grams[1].mean(), crosses[1].mean())
-    return grams[0].merged(grams[1]).mean(), crosses[0].merged(crosses[1]).mean(), held_out
+        H = grams[0].mean()
+        return H, (visible(crosses[0].mean(), H) if crosses is not None else None), None
+    H_fit, H_val = grams[0].mean(), grams[1].mean()
+    held_out = (H_fit, visible(crosses[0].mean(), H_fit), H_val, visible(crosses[1].mean(), H_val))
+    H = grams[0].merged(grams[1]).mean()
+    return H, visible(crosses[0].merged(crosses[1]).mean(), H), held_out
 
 
 def _can_stage(layer, arch, hidden, kwargs, device, cfg) -> bool:

@@ -38,19 +38,27 @@ def matrix_shapes(layers, arch) -> list[MatrixShape]:
     return shapes
 
 
-def allocate(model, store, arch, windows, inputs, cfg, device, offload, batch_size, progress,
-             log) -> tuple[dict, dict]:
+def measure_fisher(model, store, arch, windows, cfg, batch_size, device, offload, progress) -> dict:
+    """The outputs' Fisher sensitivity (sensitivity.output_fisher) on the first
+    `cfg.sensitivity_samples` of `windows` (all ranks' windows under torch.distributed)."""
+    sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
+    return output_fisher(model, store, arch, distributed.local_windows(sample, batch_size, allow_none=True),
+                         batch_size, device, offload, progress, total=len(sample))
+
+
+def allocate(store, arch, inputs, cfg, device, offload, progress, log,
+             fisher: dict | None = None) -> tuple[dict, dict]:
     """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`, aligned to
     `cfg.rank_align` within the same budget (details["aligned_from"]: the ranks before); `store`
-    holds the layers (layer_store.py)."""
+    holds the layers (layer_store.py); `fisher` (measure_fisher) is needed by the sensitivity policy."""
     shapes = matrix_shapes(store.layers, arch)
     if cfg.layer_policy == "uniform":
         ranks, details, importance = uniform_ranks(shapes, cfg.ratio), {}, None
     elif cfg.layer_policy == "plc":
         (ranks, details), importance = plc_search(store, arch, cfg, inputs, device, offload, progress, log), None
     else:
-        ranks, details, importance = _spectral(model, store, arch, shapes, windows, inputs, cfg, device, offload,
-                                               batch_size, progress, log)
+        ranks, details, importance = _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log,
+                                               fisher)
     return aligned(shapes, ranks, details, cfg, importance)
 
 
@@ -60,15 +68,12 @@ def aligned(shapes, ranks, details, cfg, importance=None) -> tuple[dict, dict]:
     return ranks, {**details, "aligned_from": before}
 
 
-def _spectral(model, store, arch, shapes, windows, inputs, cfg, device, offload, batch_size, progress, log):
+def _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log, fisher):
     """The policies that read whitened spectra: v2 and sensitivity; (ranks, details, importance)."""
-    fisher = None
-    if cfg.layer_policy == "sensitivity":  # `windows` are all ranks' under torch.distributed
-        sample = windows[: cfg.sensitivity_samples] if cfg.sensitivity_samples else windows
-        fisher = output_fisher(model, store, arch, distributed.local_windows(sample, batch_size, allow_none=True),
-                               batch_size, device, offload, progress, total=len(sample))
+    if cfg.layer_policy == "sensitivity" and fisher is None:
+        raise ValueError("the sensitivity policy ranks by measured Fisher sensitivity: pass measure_fisher's result")
     spectra = whitened_spectra(store, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
-                               fisher, progress)
+                               fisher if cfg.layer_policy == "sensitivity" else None, progress)
     if cfg.layer_policy == "v2":
         uniform = uniform_ranks(shapes, cfg.ratio)
         losses = {s.name: math.sqrt(spectra[s.name].tokens * float(spectra[s.name].sigma2[uniform[s.name]:].sum()))

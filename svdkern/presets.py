@@ -26,6 +26,9 @@ class CompressionConfig:
         (Fisher-weighted water-filling on `sensitivity_samples` windows, no matrix below
         `min_rank_fraction` of its uniform rank). Every policy keeps at most the uniform
         parameter count.
+    output_weighting: output-aware whitening: weigh each output channel in the solve by its
+        Fisher sensitivity to this power (0 off, 1 the diagonal-Fisher loss; sensitivity.py),
+        measured on `sensitivity_samples` windows.
     beta_grid: choose β per matrix from these values by the held-out output error
         (solvers/select.py); needs stream "both", excludes a fixed beta and aces.
     refine_epochs / refine_lr: block-level refinement (refine.py) after each block: passes of
@@ -46,6 +49,9 @@ class CompressionConfig:
         next-token distributions (KL on its top `tune_topk` tokens and the rest); 0 turns it off.
     tune_holdout: the last calibration windows, never stepped on, that pick the kept epoch.
     tune_norms: also train the norm weights and the compressed linears' biases.
+    delta_damp_rel: two streams filter Δ by the compressed stream's Gram, Δ H (H + μI)⁻¹ with μ this
+        times mean(diag H) (solvers.factorize.visible_delta), so fp32 rounding along the Gram's
+        near-null directions does not reach the factors; 0 keeps the raw Δ (the reference code's).
     fp_cache_bytes: two streams keep the FP stream's group inputs of one layer (fp32, on the
         offload device) when they fit in this many bytes, else recompute them per group.
     """
@@ -63,8 +69,10 @@ class CompressionConfig:
     plc_samples: int | None = None
     sensitivity_samples: int | None = None
     min_rank_fraction: float = 0.0
+    output_weighting: float = 0.0
     damp_rel: float = 1e-6
     max_damp_rel: float = 1e-2
+    delta_damp_rel: float = 1e-4
     svd_dtype: torch.dtype = torch.float64
     fp_cache_bytes: int = 4 << 30
     refine_epochs: int = 0
@@ -102,6 +110,14 @@ class CompressionConfig:
             raise ValueError(f"layer_policy must be one of {', '.join(LAYER_POLICIES)}; got {self.layer_policy!r}")
         if self.layer_policy != "uniform" and self.whitening is None:
             raise ValueError(f"layer_policy {self.layer_policy!r} measures whitened spectra: it needs whitening")
+        if not 0.0 <= self.output_weighting <= 1.0:
+            raise ValueError(f"output_weighting (a power of the Fisher weights) must lie in [0, 1]; "
+                             f"got {self.output_weighting}")
+        if self.output_weighting and (self.whitening is None or self.beta_grid):
+            raise ValueError("output_weighting weighs the outputs of the whitened solve: it needs whitening "
+                             "and no beta_grid (whose selection measures unweighted errors)")
+        if not 0.0 <= self.delta_damp_rel < 1.0:
+            raise ValueError(f"delta_damp_rel must lie in [0, 1); got {self.delta_damp_rel}")
         if not 0.0 <= self.min_rank_fraction <= 1.0:
             raise ValueError(f"min_rank_fraction must lie in [0, 1]; got {self.min_rank_fraction}")
         if self.sensitivity_samples is not None and self.sensitivity_samples < 1:
@@ -129,6 +145,11 @@ class CompressionConfig:
             raise ValueError(f"rank_align must be one of {', '.join(map(str, RANK_ALIGNS))}; got {self.rank_align!r}")
         if self.whitening is None and self.stream != "fp":
             raise ValueError("plain SVD (whitening=None) uses no calibration stream")
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether the run measures the outputs' Fisher sensitivity (sensitivity.output_fisher)."""
+        return self.layer_policy == "sensitivity" or self.output_weighting > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

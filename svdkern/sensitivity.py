@@ -3,7 +3,8 @@
 - `output_fisher`: for every compressible linear, Σ over calibration tokens of (∂loss/∂y_i)² per
   output channel i: how much the model's calibration loss reacts to an error in that output
   (the diagonal empirical Fisher), carried back through the layers one at a time; only
-  activations get gradients, never weights.
+  activations get gradients, never weights. `output_weights` turns it into the per-output
+  scales of output-aware whitening (solvers/factorize.py).
 - `whitened_spectra`: one FP pass, layer by layer, that whitens every group and takes each
   matrix's SVD, keeping only per-component numbers (never the factors), so memory stays that of
   one layer. With Fisher weights, component j of W·P (σ_j, u_j) costs about
@@ -51,6 +52,17 @@ def output_fisher(model, store, arch: Architecture, windows: torch.Tensor, batch
                 zeros = torch.zeros(layer.get_submodule(name).out_features, dtype=torch.float64, device=device)
                 fisher[key] = distributed.summed(fisher[key].to(device) if key in fisher else zeros).cpu()
     return fisher
+
+
+def output_weights(fisher: torch.Tensor, power: float, floor: float = 1e-3) -> torch.Tensor:
+    """Per-output scales s (float64, s_i² = (f_i / mean f)^power) for output-aware whitening.
+
+    A channel the calibration never moved (f_i ≈ 0) is floored at `floor`·mean: its outputs still
+    count a little, and S⁻¹ in U stays bounded. power < 1 softens a Fisher estimated on few windows.
+    """
+    f = fisher.to(torch.float64)
+    relative = (f / f.mean().clamp_min(torch.finfo(f.dtype).tiny)).clamp_min(floor)
+    return relative.pow(power / 2)
 
 
 def _fisher(model, store, arch, windows, batch_size, device, offload, progress, total):

@@ -12,7 +12,7 @@ from svdkern.allocation import (MatrixShape, break_even_rank, budget_of, total_k
 from svdkern.blocks import capture_layer_inputs, run_layer
 from svdkern.layer_store import LayerStore
 from svdkern.models import architecture_of
-from svdkern.policy import allocate, matrix_shapes
+from svdkern.policy import allocate, matrix_shapes, measure_fisher
 from svdkern.presets import config_for
 from svdkern.refine import refine_block, relative_block_error
 
@@ -87,9 +87,10 @@ def _allocation(model, windows, **knobs):
     layers = model.get_submodule(arch.layers_path)
     cfg = config_for("svd-llm", 0.5, **knobs)
     inputs = capture_layer_inputs(model, layers, windows, 8, torch.device("cpu"), torch.device("cpu"))
+    store, cpu = LayerStore(layers, "cpu", "cpu"), torch.device("cpu")
     with torch.no_grad():
-        ranks, _ = allocate(model, LayerStore(layers, "cpu", "cpu"), arch, windows, inputs, cfg, torch.device("cpu"),
-                            torch.device("cpu"), 8, False, lambda *_: None)
+        fisher = measure_fisher(model, store, arch, windows, cfg, 8, cpu, cpu, False) if cfg.needs_fisher else None
+        ranks, _ = allocate(store, arch, inputs, cfg, cpu, cpu, False, lambda *_: None, fisher)
     return ranks
 
 
@@ -320,3 +321,67 @@ def test_aa_svd_refinement_keeps_its_last_state_even_when_worse(windows):
                                        lr=1.0, holdout=1, device="cpu", recipe=RECIPES[recipe])
     assert results["aa-svd"].after > results["aa-svd"].before and results["aa-svd"].steps == 2 * 2
     assert results["svdkern"].after <= results["svdkern"].before
+
+
+def test_water_fill_takes_the_dense_step_by_the_tail_importance_per_parameter():
+    """Hand-computed: two 10×10 matrices (break-even rank 4, each step 20 parameters). Both climb
+    to rank 4 (gains 8, 7, 6.5 and 8, 7, 6 per 20), then one 20-parameter step is left: going
+    dense gains the rest of the spectrum, 5.4 for a (six 0.9s) and 5 for b (one 5), so a goes
+    dense and b stays at 4."""
+    shapes = [MatrixShape("a", 10, 10), MatrixShape("b", 10, 10)]
+    a = torch.tensor([9.0, 8, 7, 6.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+    b = torch.tensor([9.0, 8, 7, 6, 5, 0, 0, 0, 0, 0])
+    assert break_even_rank(10, 10) == 4
+    assert water_fill(shapes, 180, {"a": a, "b": b}) == {"a": None, "b": 4}
+    assert water_fill(shapes, 179, {"a": a, "b": b}) == {"a": 4, "b": 4}  # the step does not fit
+    assert water_fill(shapes, 180, {"a": a, "b": b}, min_rank={"b": 4}) == {"a": None, "b": 4}
+    assert water_fill(shapes, 100, {"a": a, "b": b}, min_rank={"b": 3}) == {"a": 2, "b": 3}  # floor kept
+
+
+def test_a_full_rank_floor_gives_the_uniform_ranks(windows):
+    """min_rank_fraction = 1: every matrix at least its uniform rank, within the uniform budget:
+    exactly the uniform ranks, whatever the measured sensitivity says."""
+    model = tiny_model("llama", seed=5)
+    got = _allocation(model, windows, layer_policy="sensitivity", min_rank_fraction=1.0, rank_align=1)
+    shapes = matrix_shapes(model.model.layers, architecture_of(model))
+    assert got == uniform_ranks(shapes, 0.5)
+
+
+def test_fisher_weighted_importance_is_sigma_squared_times_the_weighted_left_vectors(windows):
+    """Spectrum.weighted[j] = σ_j²·Σ_i f_i u_ij² for W·P: recomputed here with another square root
+    of H (symmetric, from eigh: W·P's σ and U do not depend on which), on the dense inputs."""
+    from svdkern.sensitivity import whitened_spectra
+
+    model = tiny_model("llama", seed=3)
+    arch = architecture_of(model)
+    layers, cpu = model.model.layers, torch.device("cpu")
+    cfg = config_for("svd-llm", 0.5)
+    inputs = capture_layer_inputs(model, layers, windows, 4, cpu, cpu)
+    gen = torch.Generator().manual_seed(0)
+    fisher = {f"{i}.{n}": torch.rand(layers[i].get_submodule(n).out_features, generator=gen, dtype=torch.float64)
+              for i in range(len(layers)) for g in arch.groups for n in g}
+    with torch.no_grad():
+        spectra = whitened_spectra(LayerStore(layers, "cpu", "cpu"), arch, inputs.hidden, inputs.kwargs, cfg,
+                                   cpu, cpu, fisher, False)
+    grams = {}
+
+    def add_gram(name, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        grams[name] = grams.get(name, 0) + x.T @ x
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, name=name: add_gram(name, a[0]))
+             for name, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for start in range(0, len(windows), 4):
+            model(windows[start:start + 4])
+    for h in hooks:
+        h.remove()
+    for key, spectrum in spectra.items():
+        H = grams[key] / spectrum.tokens
+        H = H + 1e-6 * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)  # the damping whiten adds
+        evals, Q = torch.linalg.eigh(H)
+        W = layers.get_submodule(key).weight.detach().double()
+        U, S, _ = torch.linalg.svd(W @ (Q * evals.sqrt()) @ Q.T, full_matrices=False)
+        want = S ** 2 * (U ** 2 * fisher[key][:, None]).sum(0)
+        torch.testing.assert_close(spectrum.weighted[:8], want[:8], rtol=1e-6, atol=0)
+        torch.testing.assert_close(spectrum.sigma2[:8], (S ** 2)[:8], rtol=1e-6, atol=0)

@@ -2,6 +2,9 @@
 
 On CPU machines these skip; CI still compiles csrc/ with nvcc (`.ci/run`, CMakeLists.txt).
 """
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -12,6 +15,19 @@ from svdkern.solvers.whiten import NotPositiveDefiniteError, symmetrize
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and svdkern.has_cuda_ext()),
                                 reason="needs a CUDA GPU and the compiled extension")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def short_autotuning():
+    """The compressions below run the Triton kernels at many small new shapes: autotune each for a
+    few ms, not Triton's 25 + 100, in this module only (setting and autotuners restored after it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SVDKERN_AUTOTUNE_MS", os.environ.get("SVDKERN_AUTOTUNE_MS", "2,10"))
+        if importlib.util.find_spec("triton"):
+            from svdkern.backends import triton_lowrank
+
+            mp.setattr(triton_lowrank, "_tuned_kernels", {})
+        yield
 
 
 @pytest.fixture(autouse=True, params=["ext", "blas"])

@@ -1,5 +1,4 @@
 """Calibration and evaluation windows, and their errors."""
-import os
 
 import pytest
 import torch

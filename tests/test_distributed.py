@@ -58,9 +58,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("method,family,knobs", [(m, "llama", {}) for m in METHODS] + [
-    pytest.param("ep-svd-llm", "opt", {}, marks=pytest.mark.xfail(
-        reason="with OPT's non-zero biases EP's W·Δ·P⁻ᵀ amplifies rounding beyond the reordering bound: "
-               "the open thread-count instability of issue 22 part 2", strict=False)),
+    ("ep-svd-llm", "opt", {}),
     ("erc-svd", "llama", dict(plc_samples=6)),                       # PLC's search on the first batches
     ("best", "llama", dict(sensitivity_samples=6)),  # Fisher-weighted allocation, block refinement
     ("svd-llm", "llama", dict(layer_policy="v2")),
@@ -73,11 +71,12 @@ def test_two_gloo_processes_give_one_process_factors(method, family, knobs, tmp_
     assert set(ranks[0]) == set(expected)
     for name, W in expected.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank solved the same thing
-        err = float((ranks[0][name] - W).norm() / W.norm())
-        # only the order of the sums differs: as much as another micro-batch size moves one process
-        # (EP/SAES's W·Δ·P⁻ᵀ amplifies rounding where a tiny model's Gram is ill-conditioned)
-        order = float((reordered[name] - W).norm() / W.norm())
-        assert err <= 2 * order + 1e-4, (name, err, order)
+        # only the order of the sums differs, and neither that nor another micro-batch size moves
+        # a matrix (two streams filter Δ's rounding: factorize.visible_delta); held-out micro-batches
+        # (β per matrix, refinement) are other windows at another micro-batch size
+        for label, other in (("two processes", ranks[0]), ("micro-batches of 4", reordered)):
+            if label == "two processes" or not (knobs.get("beta_grid") or method == "best"):
+                assert float((other[name] - W).norm() / W.norm()) <= 1e-3, (name, label)
     # each matrix solved once, by one rank, and every rank's report complete (svd_of: once per
     # matrix in one process; SAES's β needs a second SVD of each)
     reports = [torch.load(tmp_path / f"report{r}.pt") for r in range(2)]
@@ -280,9 +279,9 @@ def test_smollm2_on_two_gloo_processes(method, tmp_path):
     mp.spawn(_smollm2_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2)
     got = torch.load(tmp_path / "rank0.pt")
     expected, reordered = smollm2_factors(method, 4), smollm2_factors(method, 8)
-    worst = max(float((got[n] - w).norm() / w.norm()) for n, w in expected.items())
-    order = max(float((reordered[n] - w).norm() / w.norm()) for n, w in expected.items())
-    assert worst <= 2 * order + 1e-4, (worst, order)
+    for name, w in expected.items():
+        for other in (got, reordered):  # two processes, and micro-batches of 8 instead of 4
+            assert float((other[name] - w).norm() / w.norm()) <= 1e-3, name
 
 
 def _streaming_worker(rank, world, port, source, out, checkpoint_dir, stop_at_layer=None):

@@ -51,7 +51,26 @@ def test_stock_loading_without_svdkern_fails_and_names_the_fix(tmp_path, windows
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, COLUMNS="200"))
     assert done.returncode != 0 and "RuntimeError" in done.stderr
-    assert "import_svdkern_before_from_pretrained" in done.stderr and "got svdkern" in done.stderr
+    assert "import_svdkern_before_from_pretrained" in done.stderr
+    first = done.stderr.strip().splitlines()[0]  # the first line a user reads says what to do
+    assert "got svdkern: pip install svdkern and import svdkern before from_pretrained" in first, first
+
+
+def test_directories_saved_under_the_plain_method_name_still_load(tmp_path, windows):
+    """Before the method's name carried the hint it was plain "svdkern": such directories load."""
+    import json
+
+    model = tiny_model("llama")
+    svdkern.compress(model, "svd", 0.3, progress=False, log=lambda *_: None)
+    svdkern.save(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "svdkern"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    from transformers import AutoModelForCausalLM
+
+    for loaded in (svdkern.load(tmp_path / "m", dtype=torch.float32),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)):
+        assert torch.equal(loaded(windows).logits, model(windows).logits)
 
 
 def test_dense_models_cannot_be_compressed_through_the_quantizer(windows):

@@ -21,6 +21,22 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def short_autotuning():
+    """Autotuning here times a few ms per config, not Triton's 25 + 100 (hundreds of new keys on
+    a GPU), for this module only: autotuners are made anew, and both are restored after it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SVDKERN_AUTOTUNE_MS", os.environ.get("SVDKERN_AUTOTUNE_MS", "2,10"))
+        mp.setattr(triton_lowrank, "_tuned_kernels", {})
+        yield
+
+
+def forget_launches(monkeypatch):
+    """As in a fresh process: no config chosen, no kernel launched (the three are reset together)."""
+    for name, empty in (("_chosen", {}), ("_loaded", set()), ("_seen", set())):
+        monkeypatch.setattr(triton_lowrank, name, empty)
+
+
 def make(T, n, m, k, dtype, seed=0, bias=True, lead=()):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, T, n, generator=g)
@@ -44,9 +60,10 @@ def assert_within_torch_error(y, x, U, V, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T", [1, 3, 17, 130])
-@pytest.mark.parametrize("k", [1, 17, 100])
+@pytest.mark.parametrize("T,k", [(1, 1), (1, 100), (3, 17), (17, 100), (130, 1), (130, 17)])
 def test_matches_reference_on_awkward_shapes(dtype, T, k):
+    """Every T meets a rank of 1 and a larger one, decode and prefill alike; pairs rather than
+    the cross product keep the GPU's autotuning to a dozen keys per dtype."""
     x, U, V, b = make(T, 67, 45, k, dtype, seed=T * 1000 + k)
     y = triton_lowrank.lowrank_linear(x, U, V, b)
     assert y.shape == (T, 45) and y.dtype == dtype
@@ -161,11 +178,13 @@ def test_gpu_deterministic_decode_is_bit_exact():
 
 
 def test_generate_runs_through_the_kernels(monkeypatch, windows):
+    """On the device the kernels run on: CUDA on a GPU, else the CPU through the interpreter."""
     from conftest import tiny_model
 
     model = tiny_model("llama", seed=3)
     svdkern.compress(model, "svd", 0.3, progress=False)
-    prompt = windows[:1, :5]
+    model.to(DEVICE)
+    prompt = windows[:1, :5].to(DEVICE)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     monkeypatch.setenv("SVDKERN_IMPL", "torch")
     expected = model.generate(prompt, **kwargs)
@@ -242,8 +261,8 @@ def test_configs_come_from_the_table_by_token_bucket(tmp_path, monkeypatch):
 
     assert [lc.token_bucket(t) for t in (1, 2, 3, 16, 17, 512, 513, 100000)] == \
         [1, 2, 4, 16, 32, 512, 1024, lc.MAX_BUCKET]
-    small = dict(lc.DEFAULTS["prefill"], BLOCK_M=64)
-    large = dict(lc.DEFAULTS["prefill"], BLOCK_M=256)
+    small = dict(triton_lowrank.candidates("prefill")[0], BLOCK_M=64)
+    large = dict(triton_lowrank.candidates("prefill")[0], BLOCK_M=256)
     bf16 = torch.bfloat16
     path = str(tmp_path / "lowrank_Some_GPU.json")
     lc.write_table(path, "Some GPU", {"prefill": {lc.shape_key(4096, 1229, bf16): {64: small, 2048: large}}},
@@ -257,14 +276,13 @@ def test_configs_come_from_the_table_by_token_bucket(tmp_path, monkeypatch):
     assert lc.lookup(table, "prefill", 50, 4096, 1600, bf16) is None       # 30% away: autotune
     assert lc.lookup(table, "prefill", 50, 4096, 1229, torch.float32) is None  # fp32 tiles differ
     assert lc.lookup(table, "expand", 1, 4096, 1229, bf16) is None
-    # the launcher's choice: the table, else autotuning, else (inside graph capture) the default
-    cuda0 = torch.device("cuda", 0)
+    # the launcher's choice: the table's (remembered by bucket), else None (autotune; in capture: refuse)
+    forget_launches(monkeypatch)
     monkeypatch.setattr(triton_lowrank, "_table_of", lambda index: table)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert triton_lowrank._config_for("prefill", 50, 4096, 1229, cuda0, bf16) == small
-    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0, bf16) is None
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert triton_lowrank._config_for("prefill", 50, 77, 33, cuda0, bf16) == lc.DEFAULTS["prefill"]
+    assert triton_lowrank._config_for("prefill", 0, 64, 50, 4096, 1229, bf16) == small
+    assert triton_lowrank._config_for("prefill", 0, 64, 50, 77, 33, bf16) is None
+    monkeypatch.setattr(triton_lowrank, "_table_of", lambda index: {})
+    assert triton_lowrank._config_for("prefill", 0, 64, 60, 4096, 1229, bf16) == small  # remembered
 
 
 def test_a_bad_config_table_names_the_fix(tmp_path):
@@ -285,15 +303,97 @@ def test_a_bad_config_table_names_the_fix(tmp_path):
 
 
 @needs_cuda
-def test_gpu_graph_capture_of_an_untuned_shape():
-    """A shape the autotuner never saw, first met inside capture, must not benchmark there."""
+def test_gpu_graph_capture_needs_warm_up(monkeypatch):
+    """A shape first met inside capture: a clear error before warm_up, a correct replay after."""
+    forget_launches(monkeypatch)
     x, U, V, b = make(9, 328, 264, 77, torch.bfloat16)
+    layer = svdkern.LowRankLinear.from_factors(U, V, b)
+    with pytest.raises(triton_lowrank.NotWarmedUpError, match=r"svdkern\.warm_up\(model, token_counts=\(9,\)\)"):
+        with torch.no_grad(), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(x)
+    assert svdkern.warm_up(layer, token_counts=(9,)) == 1
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = triton_lowrank.lowrank_linear(x, U, V, b)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = layer(x)
     graph.replay()
     torch.cuda.synchronize()
     assert_within_torch_error(y, x, U, V, b)
+
+
+def test_capture_runs_only_kernels_loaded_before_it(monkeypatch):
+    """The capture check's logic on the CPU: the capture test is faked, the kernels are real."""
+    monkeypatch.setenv("SVDKERN_IMPL", "triton")
+    forget_launches(monkeypatch)
+    capturing = {"now": False}
+    monkeypatch.setattr(triton_lowrank, "_capturing", lambda device: capturing["now"])
+    model = torch.nn.Sequential(*(svdkern.LowRankLinear.from_factors(*make(1, 24, 20, 5, torch.float32, seed=s)[1:])
+                                  for s in range(2)))
+    x9, x1, x3 = (torch.randn(t, 24).to(DEVICE) for t in (9, 1, 3))
+    capturing["now"] = True
+    with pytest.raises(triton_lowrank.NotWarmedUpError, match=r"svdkern\.warm_up\(model, token_counts=\(9,\)\)"):
+        model[0](x9)
+    capturing["now"] = False
+    assert svdkern.warm_up(model, token_counts=(9, 1)) == 2
+    capturing["now"] = True
+    with torch.no_grad():
+        y9, y1 = model[1](x9), model[1](x1)  # warmed: the same kernels run inside capture
+    layer = model[1]
+    assert_within_torch_error(y9, x9, layer.U, layer.V, layer.bias)
+    assert_within_torch_error(y1, x1, layer.U, layer.V, layer.bias)
+    # 3 tokens share 9's token-count class but not its bucket's (4 vs 16, a multiple of 16)
+    with pytest.raises(triton_lowrank.NotWarmedUpError, match=r"token_counts=\(3,\)"):
+        model[1](x3)
+    # 9 tokens again, but x no longer 16-byte aligned: Triton compiles another kernel for that
+    misaligned = torch.randn(9, 25).to(DEVICE)[:, 1:]
+    with pytest.raises(svdkern.NotWarmedUpError, match=r"token_counts=\(9,\)"):
+        model[1](misaligned)
+    with pytest.raises(ValueError, match="positive"):
+        svdkern.warm_up(model, token_counts=(0,))
+
+
+def test_smoke_direct_launches_pass_the_autotuners_options():
+    """Smoke check, with a stand-in kernel (no compile cache is looked at): Triton keys compiled
+    kernels on the launch options as passed, so a config launched directly (from the table, or
+    autotuned before) must pass them as the autotuner did, or the kernel is compiled and loaded
+    anew — inside CUDA-graph capture, where that is forbidden. The GPU capture test is the real check."""
+    from svdkern.backends import lowrank_configs as lc
+
+    seen = []
+
+    class Kernel:  # stands in for the jitted kernel: records how the autotuner launches it
+        arg_names = ["a", "HAS_BIAS"]
+        fn = staticmethod(lambda a, HAS_BIAS: None)
+
+        def run(self, *args, **kwargs):
+            seen.append(kwargs)
+
+    for regime in lc.REGIMES:
+        cfg = triton_lowrank.candidates(regime)[0]
+        meta, launch = lc.split_meta(cfg)
+        triton.autotune([triton.Config(meta, **launch)], key=[])(Kernel()).run(1, HAS_BIAS=False)
+        passed = {k: v for k, v in seen.pop().items() if k != "HAS_BIAS"}
+        assert list(passed.items()) == list(triton_lowrank._as_autotuned(tuple(cfg.items())).items()), regime
+
+
+def test_autotuning_times_short_and_tries_only_covering_tiles(monkeypatch):
+    from svdkern.backends import lowrank_configs as lc
+
+    monkeypatch.setenv("SVDKERN_AUTOTUNE_MS", "2,10")
+    monkeypatch.setattr(triton_lowrank, "_tuned_kernels", {})
+    seen = {}
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: seen.update(warmup=warmup, rep=rep) or [1.0] * 3)
+    triton_lowrank._autotuner("prefill").do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
+    assert seen == {"warmup": 2.0, "rep": 10.0}
+    monkeypatch.setenv("SVDKERN_AUTOTUNE_MS", "2")
+    with pytest.raises(ValueError, match="WARMUP,REP"):
+        lc.autotune_ms()
+    # a 45 x 67 GEMM at bucket 32: no tile past the smallest that covers each dimension
+    configs = triton_lowrank._CANDIDATES["prefill"]
+    kept = triton_lowrank._covering_tiles(configs, {"M_BUCKET": 32, "N": 45, "K": 67})
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept} == {(64, 64, 64)}
+    big = triton_lowrank._covering_tiles(configs, {"M_BUCKET": 2048, "N": 4096, "K": 1229})
+    assert big == configs  # LLaMA-7B's shapes keep every candidate
 
 
 @needs_cuda

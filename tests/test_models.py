@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import svdkern
-from svdkern.io import CheckpointError
 from svdkern.models import UnsupportedArchitectureError, architecture_of
 from svdkern.nn import LowRankLinear
 from svdkern.solvers.rank import rank_for_ratio

@@ -15,7 +15,6 @@ import torch
 import svdkern
 import svdkern.blocks as blocks
 import svdkern.checkpoint as checkpoint
-import svdkern.pipeline as pipeline
 
 from conftest import REPO, tiny_model
 

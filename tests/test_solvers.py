@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from svdkern.solvers.aces import aces_beta, aces_coefficients
-from svdkern.solvers.factorize import factorize, target
+from svdkern.solvers.factorize import factorize, target, visible_delta
 from svdkern.solvers.rank import (RatioError, check_saves_parameters, plc_candidates,
                                   rank_for_ratio, residual_rank)
 from svdkern.solvers.whiten import Whitener, whiten
@@ -232,3 +232,18 @@ def test_select_beta_follows_what_generalizes():
     H_none, D_none = stats(torch.zeros(n, n, dtype=torch.float64))
     beta, _ = select_beta(W, whiten(H_fit), D_fit, H_none, D_none, 4, 0, grid)
     assert beta == 0.0
+
+
+def test_visible_delta_drops_what_the_gram_cannot_see():
+    """H = diag(4, 0): Δ's second column (a direction no input takes) goes, the first is kept
+    up to the ridge's λ/(λ + μ·mean diag H) = 4/(4 + 0.1·2)."""
+    H = torch.diag(torch.tensor([4.0, 0.0], dtype=torch.float64))
+    delta = torch.tensor([[1.0, 5.0], [2.0, -3.0]], dtype=torch.float64)
+    got = visible_delta(delta, H, 0.1)
+    want = torch.tensor([[4 / 4.2, 0.0], [8 / 4.2, 0.0]], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    D = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    assert torch.allclose(visible_delta(D, X.T @ X, 1e-12), D, atol=1e-8)  # full rank: nothing to drop
+    assert torch.allclose(visible_delta(D, 1e3 * X.T @ X, 1e-2), visible_delta(D, X.T @ X, 1e-2))  # scale-free

@@ -9,7 +9,6 @@ import torch
 import svdkern
 import svdkern.blocks as blocks
 import svdkern.checkpoint as checkpoint
-import svdkern.pipeline as pipeline
 from svdkern.layer_store import DiskLayerStore
 
 from conftest import tiny_model

@@ -5,8 +5,11 @@ and would fail inside CUDA-graph capture. Configs are keyed on (regime, token bu
 dtype) instead; `benchmarks/tune_lowrank.py` measures them for an architecture's shapes on a GPU
 and writes `configs/lowrank_<GPU name>.json`, which is read here (the way vLLM ships tuned MoE
 configs; no table is shipped until a GPU run writes one). A shape missing from the table is
-autotuned once per bucket (or, while a CUDA graph is being captured, launched with the regime's
-default: capture cannot benchmark).
+autotuned once per bucket. CUDA-graph capture can neither time nor load a kernel: inside it a
+launch not made before raises NotWarmedUpError (call svdkern.warm_up first).
+SVDKERN_AUTOTUNE_MS="WARMUP,REP" shortens the autotuning's timing (Triton's default is 25 ms
+warm-up, 100 ms repeat per config): the GPU suite and the GPU tests meet hundreds of new keys
+and set "2,10".
 """
 from __future__ import annotations
 
@@ -22,17 +25,24 @@ REGIMES = ("shrink", "shrink_deterministic", "expand", "prefill")
 MAX_BUCKET = 8192
 _META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_SIZE_M")
 
-# Used while capturing a CUDA graph when nothing tuned matches (middle-of-the-road tiles).
-DEFAULTS = {
-    "shrink": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "GROUP_SIZE_M": 8,
-               "num_warps": 4, "num_stages": 3},
-    "shrink_deterministic": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1,
-                             "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 3},
-    "expand": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_SIZE_M": 8,
-               "num_warps": 4, "num_stages": 3},
-    "prefill": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_SIZE_M": 8,
-                "num_warps": 8, "num_stages": 3},
-}
+
+class NotWarmedUpError(RuntimeError):
+    """A launch inside CUDA-graph capture needs a kernel never loaded before it (capture forbids
+    loading). Defined here, away from Triton, so `svdkern` exports it where Triton is absent."""
+
+
+def autotune_ms() -> tuple[float, float] | None:
+    """(warm-up ms, repeat ms) per autotuned config from SVDKERN_AUTOTUNE_MS, or None (Triton's)."""
+    raw = os.environ.get("SVDKERN_AUTOTUNE_MS", "").strip()
+    if not raw:
+        return None
+    try:
+        warmup, rep = (float(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"SVDKERN_AUTOTUNE_MS must be 'WARMUP,REP' in ms (e.g. 2,10); got {raw!r}") from None
+    if warmup <= 0 or rep <= 0:
+        raise ValueError(f"SVDKERN_AUTOTUNE_MS must be positive; got {raw!r}")
+    return warmup, rep
 
 
 def token_bucket(tokens: int) -> int:

@@ -15,7 +15,10 @@ Accumulation is fp32 everywhere; fp32 inputs use IEEE products (no TF32). Offset
 that tune_lowrank.py writes, by (regime, token bucket, N, K, dtype), else are autotuned once per
 bucket (lowrank_configs.py); under TRITON_INTERPRET=1 (CPU tests) fixed small configs run
 instead. Launches happen on the inputs' device whatever the current one is. The launchers allocate only their output and
-workspace and never sync, so they can be captured in CUDA graphs.
+workspace and never sync, so they can be captured in CUDA graphs — but capture cannot compile,
+autotune or load a kernel, so every launch inside capture must match one already made outside
+it (same config and the same integer/pointer specialization Triton compiles for): otherwise
+NotWarmedUpError names `svdkern.warm_up`, which runs each layer at the token counts to capture.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import lowrank_configs
+from .lowrank_configs import NotWarmedUpError
 
 DECODE_MAX_TOKENS = 16
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,50 +103,150 @@ _EXPAND_DECODE = [_config(16, bn, bk, 1, w, st) for bn in (16, 32, 64, 128) for 
 _PREFILL = [_config(bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4))]
+_CANDIDATES = {"shrink": _SHRINK_DECODE, "shrink_deterministic": _EXPAND_DECODE,
+               "expand": _EXPAND_DECODE, "prefill": _PREFILL}
 _tuned_kernels: dict[str, object] = {}
+_chosen: dict[tuple, dict] = {}  # (regime, device, bucket, N, K, dtype) -> config from the table or autotuner
+_loaded: set[tuple] = set()  # specializations (_specialization) of kernels launched outside capture
+_seen: set[tuple] = set()  # exact launch keys (_exact_key) already recorded in _loaded
+_SEEN_MAX = 1 << 16  # prefill meets a new exact key per token count: forget them now and then
 
 
 def candidates(regime: str) -> list[dict]:
     """The tile configs the autotuner (and benchmarks/tune_lowrank.py) choose among."""
-    configs = {"shrink": _SHRINK_DECODE, "shrink_deterministic": _EXPAND_DECODE,
-               "expand": _EXPAND_DECODE, "prefill": _PREFILL}[regime]
-    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+    return [_as_dict(c) for c in _CANDIDATES[regime]]
+
+
+def _as_dict(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _capturing(device: int) -> bool:
+    """Whether the current stream is being captured into a CUDA graph (device -1, the CPU, never is)."""
+    return device >= 0 and torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_config(split: int) -> dict:
+    """The fixed small tiles run under TRITON_INTERPRET=1 and on the CPU (nothing to tune there)."""
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=4, SPLIT_K=split, num_warps=4, num_stages=1)
+
+
+def _exact_key(config_items: tuple, args: tuple, flags: dict, device: int) -> tuple:
+    """A launch as exactly as needed to tell whether it was seen before: device, config, flags,
+    every integer argument, each tensor's dtype and 16-byte alignment. Cheap to build and hash
+    (the eager decode path pays it on every launch); _specialization reduces it to what Triton
+    compiles for, which only capture and a first sighting need."""
+    a, b, c, d = args[:4]
+    tensors = (a.dtype, b.dtype, c.dtype, d.dtype, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0,
+               c.data_ptr() % 16 == 0, d.data_ptr() % 16 == 0)
+    return device, config_items, tuple(flags.values()), args[4:], tensors
+
+
+def _specialization(exact: tuple) -> tuple:
+    """What decides which compiled kernel a launch runs: the exact key with each integer reduced
+    to how Triton specializes it (being 1, a multiple of 16, past int32). Equal specializations
+    run the same binary, so one loaded outside capture may be launched inside it."""
+    device, config, flags, ints, tensors = exact
+    return device, config, flags, tuple((v == 1, v % 16 == 0, -2**31 <= v < 2**31) for v in ints), tensors
+
+
+def _record(exact: tuple) -> None:
+    """Note a launch made outside capture as loaded (its specialization, for capture to check)."""
+    if len(_seen) >= _SEEN_MAX:
+        _seen.clear()
+    _seen.add(exact)
+    _loaded.add(_specialization(exact))
+
+
+def _not_warmed(regime: str, M: int, N: int, K: int, dtype) -> NotWarmedUpError:
+    return NotWarmedUpError(
+        f"svdkern: CUDA-graph capture met a low-rank kernel ({regime}, {M} tokens, N={N}, K={K}, "
+        f"{dtype}) that was never launched before it, and capture cannot tune, compile or load one. "
+        f"Call svdkern.warm_up(model, token_counts=({M},)) before capturing, with every token "
+        f"count (batch x tokens per step) the graph will see.")
+
+
 def _launch(regime: str, a, b, c, bias, split_default: int, config: dict | None = None):
-    """One kernel launch; `config` forces a tile config (the tuning script's candidates)."""
+    """One kernel launch; `config` forces a tile config (the tuning script's candidates).
+
+    Inside CUDA-graph capture only a kernel launched before it, at the same config and
+    specialization, may run (else NotWarmedUpError); outside it each new launch is recorded.
+    """
     M, K = a.shape
     N = b.shape[0]
     ieee = a.dtype == torch.float32 and b.dtype == torch.float32
+    bucket = lowrank_configs.token_bucket(M)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    args = (a, b, c, bias if bias is not None else c, M, N, K, lowrank_configs.token_bucket(M),
+    args = (a, b, c, bias if bias is not None else c, M, N, K, bucket,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     flags = {"HAS_BIAS": bias is not None, "IEEE": ieee}
-    if _interpreting() or not a.is_cuda:
-        meta = (lowrank_configs.split_meta(config)[0] if config is not None else
-                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=4, SPLIT_K=split_default))
-        _matmul_nt_kernel[grid(meta)](*args, **flags, **meta)
+    device = a.get_device()  # -1 on the CPU
+    capturing = _capturing(device)  # asked once: a CUDA call on every decode launch
+    interpreted = _interpreting() or device < 0
+    if config is None:
+        config = (_interpreter_config(split_default) if interpreted
+                  else _config_for(regime, device, bucket, M, N, K, b.dtype))
+    if config is None:  # nothing tuned for this shape in this process: autotune, never in capture
+        if capturing:
+            raise _not_warmed(regime, M, N, K, b.dtype)
+        tuner = _autotuner(regime)
+        tuner[grid](*args, **flags)
+        config = _as_dict(tuner.best_config)
+        _chosen[regime, device, bucket, N, K, b.dtype] = config
+        _record(_exact_key(tuple(config.items()), args, flags, device))
         return
-    cfg = config if config is not None else _config_for(regime, M, N, K, a.device, b.dtype)
-    if cfg is not None:
-        meta, launch = lowrank_configs.split_meta(cfg)
-        _matmul_nt_kernel[grid(meta)](*args, **flags, **meta, **launch)
-        return
+    items = tuple(config.items())
+    exact = _exact_key(items, args, flags, device)
+    if capturing and _specialization(exact) not in _loaded:
+        raise _not_warmed(regime, M, N, K, b.dtype)
+    if interpreted:
+        _matmul_nt_kernel[grid(config)](*args, **flags, **lowrank_configs.split_meta(config)[0])
+    else:
+        _matmul_nt_kernel[grid(config)](*args, **flags, **_as_autotuned(items))
+    if not capturing and exact not in _seen:
+        _record(exact)
+
+
+@functools.lru_cache(maxsize=None)
+def _as_autotuned(config: tuple) -> dict:
+    """A config's launch arguments exactly as the autotuner passes them: Triton keys compiled
+    kernels on those options as passed, so the kernel the autotuner compiled is the one reused
+    (a different set, e.g. without num_ctas, would compile and load anew, inside capture too)."""
+    meta, launch = lowrank_configs.split_meta(dict(config))
+    return triton.Config(meta, **launch).all_kwargs()
+
+
+def _autotuner(regime: str):
+    """The regime's autotuned kernel, made on first use (with SVDKERN_AUTOTUNE_MS's timing)."""
     if regime not in _tuned_kernels:
-        configs = {"shrink": _SHRINK_DECODE, "shrink_deterministic": _EXPAND_DECODE,
-                   "expand": _EXPAND_DECODE, "prefill": _PREFILL}[regime]
+        timing = lowrank_configs.autotune_ms()
+        bench = {} if timing is None else {"do_bench": lambda fn, quantiles: triton.testing.do_bench(
+            fn, warmup=timing[0], rep=timing[1], quantiles=quantiles)}
         _tuned_kernels[regime] = triton.autotune(
-            configs, key=["M_BUCKET", "N", "K"], reset_to_zero=["c_ptr"] if regime == "shrink" else None,
-            **_persist_results(),
+            _CANDIDATES[regime], key=["M_BUCKET", "N", "K"],
+            reset_to_zero=["c_ptr"] if regime == "shrink" else None,
+            prune_configs_by={"early_config_prune": _covering_tiles}, **bench, **_persist_results(),
         )(_matmul_nt_kernel)
-    _tuned_kernels[regime][grid](*args, **flags)
+    return _tuned_kernels[regime]
+
+
+def _covering_tiles(configs, named_args, **kwargs):
+    """Drop tiles larger than the smallest candidate that covers a dimension (they only mask more),
+    so small shapes time a few configs instead of all. M is taken as its bucket, the tuning key."""
+    dims = {"BLOCK_M": named_args["M_BUCKET"], "BLOCK_N": named_args["N"], "BLOCK_K": named_args["K"]}
+    for block, size in dims.items():
+        tiles = sorted({c.kwargs[block] for c in configs})
+        cover = next((t for t in tiles if t >= size), tiles[-1])
+        configs = [c for c in configs if c.kwargs[block] <= cover]
+    return configs
 
 
 def _persist_results() -> dict:
@@ -155,16 +259,15 @@ def _table_of(device_index: int) -> dict:
     return lowrank_configs.load_table(lowrank_configs.table_path(torch.cuda.get_device_name(device_index)))
 
 
-def _config_for(regime: str, M: int, N: int, K: int, device, dtype) -> dict | None:
-    """The tuned table's config, else None (autotune) — or the default inside graph capture."""
-    table = _table_of(device.index if device.index is not None else torch.cuda.current_device())
-    cfg = lowrank_configs.lookup(table, regime, M, N, K, dtype)
-    if cfg is None and torch.cuda.is_current_stream_capturing():
-        tuner = _tuned_kernels.get(regime)
-        key_known = tuner is not None and any(  # Triton appends the arguments' dtypes to its keys
-            key[:3] == (lowrank_configs.token_bucket(M), N, K) and str(dtype) in key[3:] for key in tuner.cache)
-        if not key_known:  # benchmarking cannot run while a graph is captured
-            cfg = lowrank_configs.DEFAULTS[regime]
+def _config_for(regime: str, device: int, bucket: int, M: int, N: int, K: int, dtype) -> dict | None:
+    """This process's config for the shape (remembered from the table or the autotuner), else the
+    tuned table's, else None: autotune now, or inside capture, where nothing can be timed, refuse."""
+    key = (regime, device, bucket, N, K, dtype)
+    cfg = _chosen.get(key)
+    if cfg is None:
+        cfg = lowrank_configs.lookup(_table_of(device), regime, M, N, K, dtype)
+        if cfg is not None:
+            _chosen[key] = cfg
     return cfg
 
 

@@ -72,7 +72,7 @@ class CompressionConfig:
     output_weighting: float = 0.0
     damp_rel: float = 1e-6
     max_damp_rel: float = 1e-2
-    delta_damp_rel: float = 1e-4
+    delta_damp_rel: float = 1e-3
     svd_dtype: torch.dtype = torch.float64
     fp_cache_bytes: int = 4 << 30
     refine_epochs: int = 0

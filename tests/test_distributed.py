@@ -279,9 +279,15 @@ def test_smollm2_on_two_gloo_processes(method, tmp_path):
     mp.spawn(_smollm2_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2)
     got = torch.load(tmp_path / "rank0.pt")
     expected, reordered = smollm2_factors(method, 4), smollm2_factors(method, 8)
+    # two processes, and micro-batches of 8 instead of 4: only the order of sums differs. EP's
+    # compressed stream carries that rounding through 30 layers, and where a matrix's whitened
+    # spectrum is nearly tied at the cut, truncation turns it into a larger move (measured
+    # 2026-12-07 with Δ filtered at 1e-4: 7.2e-3 on layer 18's o_proj across processes); the raw
+    # Δ moved tiny models' factors by 10%.
+    tolerance = 1e-3 if method == "svd-llm" else 1.5e-2
     for name, w in expected.items():
-        for other in (got, reordered):  # two processes, and micro-batches of 8 instead of 4
-            assert float((other[name] - w).norm() / w.norm()) <= 1e-3, name
+        for other in (got, reordered):
+            assert float((other[name] - w).norm() / w.norm()) <= tolerance, name
 
 
 def _streaming_worker(rank, world, port, source, out, checkpoint_dir, stop_at_layer=None):

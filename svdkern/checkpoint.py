@@ -114,9 +114,7 @@ class Checkpoint:
 
     def load_fisher(self):
         """The outputs' Fisher sensitivity the interrupted run measured (the same on every rank), or None."""
-        path = os.path.join(self.dir, "fisher.pt")
-        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
-                                    if os.path.exists(path) else None)
+        saved = self._read_record("fisher.pt")
         self._same_on_every_rank(saved is not None)
         if saved is None:
             return None
@@ -134,18 +132,13 @@ class Checkpoint:
         return f"{' and '.join(kept)} {verb} saved in {self.dir}; rerun the same command to resume from there"
 
     def save_fisher(self, fisher: dict) -> None:
-        if distributed.rank() == 0:  # every rank holds the same all-reduced sums
-            record = {"fingerprint": self.fingerprint, "fisher": fisher}
-            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "fisher.pt"))
-        distributed.barrier()
+        self._write_shared("fisher.pt", "fisher", fisher)  # every rank holds the same all-reduced sums
 
     def load_targets(self):
         """The dense model's tuning targets this rank saved (tune.DenseTargets), or None."""
         from .tune import DenseTargets
 
-        path = os.path.join(self.dir, _rank_file("tune_targets"))
-        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
-                                    if os.path.exists(path) else None)
+        saved = self._read_record(_rank_file("tune_targets"))
         if saved is None:
             return None
         self._check(saved["fingerprint"])
@@ -157,9 +150,7 @@ class Checkpoint:
 
     def load_tuning(self):
         """The end-to-end tuning state after its last finished epoch (the same on every rank), or None."""
-        path = os.path.join(self.dir, "tune_state.pt")
-        saved = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
-                                    if os.path.exists(path) else None)
+        saved = self._read_record("tune_state.pt")
         self._same_on_every_rank(None if saved is None else saved["state"]["epoch"])
         if saved is None:
             return None
@@ -167,9 +158,19 @@ class Checkpoint:
         return saved["state"]
 
     def save_tuning(self, state: dict) -> None:
-        if distributed.rank() == 0:  # every rank holds the same state
-            record = {"fingerprint": self.fingerprint, "state": state}
-            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "tune_state.pt"))
+        self._write_shared("tune_state.pt", "state", state)  # every rank holds the same state
+
+    def _read_record(self, name: str):
+        """The torch record `name` in the directory (on the CPU), or None; read on every rank."""
+        path = os.path.join(self.dir, name)
+        return self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True)
+                                   if os.path.exists(path) else None)
+
+    def _write_shared(self, name: str, key: str, value) -> None:
+        """{fingerprint, key: value} to `name`, by rank 0 (every rank holds the same value)."""
+        if distributed.rank() == 0:
+            record = {"fingerprint": self.fingerprint, key: value}
+            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, name))
         distributed.barrier()
 
     def _check(self, saved: dict) -> None:

@@ -6,12 +6,14 @@ Each mutant is one textual edit of the engine. A mutant that survives (every tes
 hole in the tests; the script exits 1 and names it.
 """
 import pathlib
+import signal
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_method_oracles.py", "tests/test_solvers.py", "tests/test_pipeline.py",
-         "tests/test_resume.py", "tests/test_tune.py", "tests/test_allocation.py", "tests/test_output_weighting.py"]
+TESTS = ["tests/test_solvers.py", "tests/test_method_oracles.py", "tests/test_allocation.py",
+         "tests/test_output_weighting.py", "tests/test_pipeline.py", "tests/test_tune.py", "tests/test_resume.py",
+         "tests/test_distributed.py"]  # quick files first: a mutant stops at its first failing test
 
 # name -> (file, original text, mutated text)
 MUTANTS = {
@@ -97,6 +99,24 @@ MUTANTS = {
     "two streams use the raw Δ": (
         "svdkern/pipeline.py", "return visible_delta(delta, H, delta_damp_rel) if delta_damp_rel else delta",
         "return delta"),
+    # issue 22 part 1, second round: V2's loss, tokens under two processes, eigh damping, refinement
+    "v2's loss skips the first truncated component": (
+        "svdkern/policy.py", "sigma2[uniform[s.name]:]", "sigma2[uniform[s.name] + 1:]"),
+    "v2's loss counts one rank's tokens": (
+        "svdkern/sensitivity.py", "tokens = distributed.summed_count(st.count, device)", "tokens = st.count"),
+    "eigh's floor is absolute, not relative to the Gram": (
+        "svdkern/solvers/whiten.py", "floor = damp_rel * evals.clamp_min(0).mean()", "floor = damp_rel"),
+    "eigh adds the floor instead of flooring": (
+        "svdkern/solvers/whiten.py", "evals.clamp_min(floor).sqrt()", "(evals.clamp_min(0) + floor).sqrt()"),
+    "refinement's target is the compressed stream": (
+        "svdkern/pipeline.py", '_refine(layer, streams["compressed"], streams["fp"], kwargs',
+        '_refine(layer, streams["compressed"], streams["compressed"], kwargs'),
+    "svdkern's refinement trains the whole block": (
+        "svdkern/refine.py", 'RECIPES = {"svdkern": Recipe(),', 'RECIPES = {"svdkern": Recipe(train_all=True),'),
+    "the spectra pass resumes on the stream it started with": (
+        "svdkern/sensitivity.py", "        start, hidden, kept = saved", "        start, _, kept = saved"),
+    "the staged executor propagates results from before refinement": (
+        "svdkern/pipeline.py", "if staging and not cfg.refine_epochs else None)", "if staging else None)"),
 }
 # the generic "all Grams first" mutant needs the untouched layer at hand
 SETUP = {"sc computes all group Grams before replacing any group (generic driver)": (
@@ -138,4 +158,5 @@ def main(names):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated: the sources are restored"))  # runs the finally
     sys.exit(main(sys.argv[1:]))

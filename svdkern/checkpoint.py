@@ -30,6 +30,8 @@ class Checkpoint:
     instant leaves a consistent state: the last layer whose progress.json landed. Under torch.distributed the directory is
     shared: each rank keeps its own streams (streams_NNNN.rankR.pt), rank 0 writes the rest, and
     barriers order the writes (`save`) so ranks killed at different instants still agree.
+    Before the first layer come the allocation's measurements: the Fisher sensitivity, the whitened
+    spectra layer by layer (`save_spectra`, the same pattern) and then the ranks.
     """
 
     def __init__(self, directory: str, fingerprint: dict, started: float, device=None):
@@ -111,6 +113,10 @@ class Checkpoint:
                   "seconds": self.seconds()}
         if distributed.rank() == 0:  # every rank allocated the same ranks
             _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
+        distributed.barrier()  # the ranks are on disk: the spectra pass behind them is not needed again
+        self._drop_spectra_streams()
+        if distributed.rank() == 0 and os.path.exists(os.path.join(self.dir, "spectra.pt")):
+            os.remove(os.path.join(self.dir, "spectra.pt"))
 
     def load_fisher(self):
         """The outputs' Fisher sensitivity the interrupted run measured (the same on every rank), or None."""
@@ -121,9 +127,40 @@ class Checkpoint:
         self._check(saved["fingerprint"])
         return saved["fisher"]
 
+    def load_spectra(self):
+        """(next layer, this rank's FP stream there, the spectra of the layers before) the
+        interrupted spectra pass saved, or None; every rank resumes at the same layer or all refuse."""
+        saved = self._read_record("spectra.pt")
+        self._same_on_every_rank(None if saved is None else saved["next_layer"])
+        if saved is None:
+            return None
+        self._check(saved["fingerprint"])
+        path = os.path.join(self.dir, _rank_file(f"spectra_stream_{saved['next_layer']:04d}"))
+        hidden = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True))
+        return saved["next_layer"], hidden, saved["spectra"]
+
+    def save_spectra(self, next_layer: int, hidden: list, spectra: dict) -> None:
+        """After each layer of the allocation's spectra pass: this rank's stream, then (rank 0) the
+        spectra and the layer they reach; older streams go once that record names the new one."""
+        name = _rank_file(f"spectra_stream_{next_layer:04d}")
+        _atomic(lambda p: torch.save([t.cpu() for t in hidden], p), os.path.join(self.dir, name))
+        distributed.barrier()
+        if distributed.rank() == 0:
+            record = {"fingerprint": self.fingerprint, "next_layer": next_layer, "spectra": spectra}
+            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "spectra.pt"))
+        distributed.barrier()
+        self._drop_spectra_streams(keep=name)
+
+    def _drop_spectra_streams(self, keep: str | None = None) -> None:
+        mine = _rank_file("x").removeprefix("x")  # ".pt", or ".rankR.pt" under torch.distributed
+        for name in os.listdir(self.dir):
+            if name.startswith("spectra_stream_") and name.endswith(mine) and name != keep:
+                os.remove(os.path.join(self.dir, name))
+
     def kept_before_layers(self) -> str:
         """What a rerun of an interrupted run finds before its first layer, in words."""
         kept = [what for name, what in (("allocation.json", "the ranks"), ("fisher.pt", "the Fisher measurement"),
+                                        ("spectra.pt", "the spectra of the layers measured"),
                                         (_rank_file("tune_targets"), "the tuning targets"))
                 if os.path.exists(os.path.join(self.dir, name))]
         if not kept:
@@ -190,13 +227,14 @@ class Checkpoint:
         distributed.barrier()
 
     def _remove_files(self) -> None:
-        for name in ("progress.json", "allocation.json", "tune_state.pt", "fisher.pt"):  # first: no dangling progress
+        for name in ("progress.json", "allocation.json", "tune_state.pt", "fisher.pt",
+                     "spectra.pt"):  # first: no dangling progress
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
         for name in os.listdir(self.dir):
             base = name.removesuffix(".tmp")  # a killed run can leave a temporary file behind
-            if base.startswith(("layer_", "streams_", "tune_")) or base in ("progress.json", "allocation.json",
-                                                                             "fisher.pt"):
+            if base.startswith(("layer_", "streams_", "tune_", "spectra_")) or base in (
+                    "progress.json", "allocation.json", "fisher.pt", "spectra.pt"):
                 os.remove(os.path.join(self.dir, name))
         if not os.listdir(self.dir):
             os.rmdir(self.dir)

@@ -204,7 +204,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
                           if cfg.needs_fisher and (saved is None or cfg.output_weighting) else None)
                 if saved is None:
                     with timed("allocation"):
-                        ranks, details = allocate(store, arch, inputs, cfg, device, offload, progress, log, fisher)
+                        ranks, details = allocate(store, arch, inputs, cfg, device, offload, progress, log, fisher,
+                                                  ckpt)
                     if ckpt is not None:  # a resumed run keeps these ranks, whatever a re-measurement says
                         with timed("checkpoint I/O"):
                             ckpt.save_allocation(ranks, details)

@@ -47,10 +47,11 @@ def measure_fisher(model, store, arch, windows, cfg, batch_size, device, offload
 
 
 def allocate(store, arch, inputs, cfg, device, offload, progress, log,
-             fisher: dict | None = None) -> tuple[dict, dict]:
+             fisher: dict | None = None, ckpt=None) -> tuple[dict, dict]:
     """(ranks, details for the report) under `cfg.layer_policy` at `cfg.ratio`, aligned to
     `cfg.rank_align` within the same budget (details["aligned_from"]: the ranks before); `store`
-    holds the layers (layer_store.py); `fisher` (measure_fisher) is needed by the sensitivity policy."""
+    holds the layers (layer_store.py); `fisher` (measure_fisher) is needed by the sensitivity policy;
+    `ckpt` (checkpoint.Checkpoint) keeps the spectra pass's progress."""
     shapes = matrix_shapes(store.layers, arch)
     if cfg.layer_policy == "uniform":
         ranks, details, importance = uniform_ranks(shapes, cfg.ratio), {}, None
@@ -58,7 +59,7 @@ def allocate(store, arch, inputs, cfg, device, offload, progress, log,
         (ranks, details), importance = plc_search(store, arch, cfg, inputs, device, offload, progress, log), None
     else:
         ranks, details, importance = _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log,
-                                               fisher)
+                                               fisher, ckpt)
     return aligned(shapes, ranks, details, cfg, importance)
 
 
@@ -68,17 +69,14 @@ def aligned(shapes, ranks, details, cfg, importance=None) -> tuple[dict, dict]:
     return ranks, {**details, "aligned_from": before}
 
 
-def _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log, fisher):
+def _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log, fisher, ckpt):
     """The policies that read whitened spectra: v2 and sensitivity; (ranks, details, importance)."""
     if cfg.layer_policy == "sensitivity" and fisher is None:
         raise ValueError("the sensitivity policy ranks by measured Fisher sensitivity: pass measure_fisher's result")
     spectra = whitened_spectra(store, arch, inputs.hidden, inputs.kwargs, cfg, device, offload,
-                               fisher if cfg.layer_policy == "sensitivity" else None, progress)
+                               fisher if cfg.layer_policy == "sensitivity" else None, progress, ckpt)
     if cfg.layer_policy == "v2":
-        uniform = uniform_ranks(shapes, cfg.ratio)
-        losses = {s.name: math.sqrt(spectra[s.name].tokens * float(spectra[s.name].sigma2[uniform[s.name]:].sum()))
-                  for s in shapes}
-        return v2_ranks(shapes, cfg.ratio, losses), {}, None
+        return v2_ranks(shapes, cfg.ratio, v2_losses(shapes, spectra, cfg.ratio)), {}, None
     floor = {s.name: max(1, math.floor(cfg.min_rank_fraction * rank_for_ratio(s.m, s.n, cfg.ratio)))
              for s in shapes}
     importance = {k: v.weighted for k, v in spectra.items()}
@@ -86,6 +84,14 @@ def _spectral(store, arch, shapes, inputs, cfg, device, offload, progress, log, 
     dense = sum(r is None for r in ranks.values())
     log(f"sensitivity allocation: {len(ranks) - dense} low-rank matrices, {dense} kept dense")
     return ranks, {}, importance
+
+
+def v2_losses(shapes, spectra, ratio) -> dict[str, float]:
+    """SVD-LLM V2's truncation loss of each matrix at its uniform rank r, on the raw sums:
+    ‖(W − W_r)X‖_F = √(tokens · Σ_{i≥r} σ_i²), σ the singular values of W whitened by the mean Gram."""
+    uniform = uniform_ranks(shapes, ratio)
+    return {s.name: math.sqrt(spectra[s.name].tokens * float(spectra[s.name].sigma2[uniform[s.name]:].sum()))
+            for s in shapes}
 
 
 def plc_search(store, arch, cfg, inputs, device, offload, progress, log) -> tuple[dict, dict]:

@@ -122,10 +122,18 @@ class Spectrum:
 
 @torch.no_grad()
 def whitened_spectra(store, arch: Architecture, hidden: list, kwargs: list, cfg, device, offload,
-                     fisher: dict | None, progress: bool = True) -> dict[str, Spectrum]:
-    """Per-component numbers of every matrix's whitened SVD on the FP stream (see module doc)."""
-    spectra = {}
-    for i in tqdm(range(len(store)), desc="spectra", disable=not progress):
+                     fisher: dict | None, progress: bool = True, ckpt=None) -> dict[str, Spectrum]:
+    """Per-component numbers of every matrix's whitened SVD on the FP stream (see module doc).
+
+    ckpt (a checkpoint.Checkpoint): each layer's spectra and the stream after it are saved, and an
+    interrupted pass resumes from its last saved layer."""
+    start, spectra = 0, {}
+    saved = ckpt.load_spectra() if ckpt is not None else None
+    if saved is not None:
+        start, hidden, kept = saved
+        hidden = [h.to(offload) for h in hidden]
+        spectra = {k: Spectrum(*v) for k, v in kept.items()}
+    for i in tqdm(range(start, len(store)), desc="spectra", disable=not progress, initial=start, total=len(store)):
         layer = store.fetch(i)
         with group_grams(layer, arch, device, f"{i}.") as stats:
             hidden = [run_layer(layer, h.to(device), kw).to(offload) for h, kw in zip(hidden, kwargs[i])]
@@ -142,4 +150,6 @@ def whitened_spectra(store, arch: Architecture, hidden: list, kwargs: list, cfg,
                     weighted = sigma2 * (svd.U ** 2 * f[:, None]).sum(0)
                 spectra[key] = Spectrum(sigma2.cpu(), None if weighted is None else weighted.cpu(), tokens)
         store.put_back(i, layer)
+        if ckpt is not None:
+            ckpt.save_spectra(i + 1, hidden, {k: (v.sigma2, v.weighted, v.tokens) for k, v in spectra.items()})
     return spectra

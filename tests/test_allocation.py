@@ -82,6 +82,50 @@ def test_v2_rule_gives_lossier_matrices_more_rank_within_budget():
     assert total_kept(shapes, ranks) <= budget_of(shapes, 0.4)
 
 
+@pytest.mark.parametrize("ratio,log_losses,expected", [
+    (0.4, (1.0, 3.0), (9, 19)),   # ρ ∝ 1/log L, mean 0.4: ρ = 0.6, 0.2 → ⌊0.4·24⌋, ⌊0.8·24⌋
+    (0.4, (1.0, 9.0), (6, 22)),   # ρ = 0.72, 0.08
+    (0.7, (1.0, 3.0), (1, 13)),   # ρ = 1.05 clamps to 0.95, the other takes 1.4 − 0.95 = 0.45
+])
+def test_v2_rule_against_hand_computed_ranks(ratio, log_losses, expected):
+    shapes = [MatrixShape("0.q", 48, 48), MatrixShape("1.q", 48, 48)]  # mn/(m+n) = 24
+    ranks = v2_ranks(shapes, ratio, {s.name: math.exp(x) for s, x in zip(shapes, log_losses)})
+    assert (ranks["0.q"], ranks["1.q"]) == expected
+
+
+def test_v2_losses_are_the_output_error_of_the_truncated_matrix(windows):
+    """‖(W − W_r)X‖_F over every calibration token, W_r the whitened rank-r truncation, in float64."""
+    import svdkern.policy as policy
+    from svdkern.blocks import input_of
+
+    model = tiny_model("llama", seed=3)
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers_path)
+    seen = {}
+    real = policy.v2_losses
+    policy.v2_losses = lambda *a: seen.setdefault("losses", real(*a))
+    try:
+        _allocation(model, windows, layer_policy="v2", rank_align=1)
+    finally:
+        policy.v2_losses = real
+    inputs = capture_layer_inputs(model, layers, windows, 8, "cpu", "cpu")
+    hidden = inputs.hidden
+    uniform = uniform_ranks(matrix_shapes(layers, arch), 0.5)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for name in (n for g in arch.groups for n in g):
+                X = torch.cat([input_of(layer, name, h, kw).flatten(0, -2)
+                               for h, kw in zip(hidden, inputs.kwargs[i])]).double().T
+                W = layer.get_submodule(name).weight.double()
+                L = torch.linalg.cholesky(X @ X.T)
+                U, S, Vh = torch.linalg.svd(W @ L)
+                r = uniform[f"{i}.{name}"]
+                W_r = (U[:, :r] * S[:r]) @ Vh[:r] @ torch.linalg.inv(L)
+                want = float(torch.linalg.norm((W - W_r) @ X))
+                assert seen["losses"][f"{i}.{name}"] == pytest.approx(want, rel=1e-4), (i, name)
+            hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, inputs.kwargs[i])]
+
+
 def _allocation(model, windows, **knobs):
     arch = architecture_of(model)
     layers = model.get_submodule(arch.layers_path)
@@ -132,6 +176,42 @@ def test_refinement_never_increases_the_block_error_it_minimizes(windows):
     result = refine_block(wild, run_layer, x, y, kw, epochs=2, lr=10.0, holdout=0, device="cpu")
     assert result.after == result.before and result.steps == 0
     assert relative_block_error(wild, run_layer, x, y, kw, "cpu") == pytest.approx(before)
+
+
+def test_refinement_steps_each_layers_factors_from_the_compressed_stream_to_the_dense_output(windows,
+                                                                                             monkeypatch):
+    """What refinement trains on (the compressed model's inputs of the layer, the dense model's
+    outputs of it) and what it changes (that layer's U and V, nothing else), recorded at each call."""
+    import svdkern.pipeline as pipeline
+
+    model = tiny_model("llama", seed=7, layers=3)
+    dense = copy.deepcopy(model)
+    calls, real = [], pipeline.refine_block
+
+    def recorded(layer, run, inputs, targets, kwargs, **kw):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result = real(layer, run, inputs, targets, kwargs, **kw)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        calls.append(([x.clone() for x in inputs], [y.clone() for y in targets], changed, result.steps))
+        return result
+
+    monkeypatch.setattr(pipeline, "refine_block", recorded)
+    svdkern.compress(model, "ep-svd-llm", 0.4, calib=windows, batch_size=4, refine_epochs=3, refine_lr=3e-3,
+                     holdout_batches=0, rank_align=1, **QUIET)
+    assert len(calls) == 3
+    got_in, want_out = (capture_layer_inputs(m, m.model.layers, windows, 4, "cpu", "cpu") for m in (model, dense))
+    x, y, kw = got_in.hidden, want_out.hidden, got_in.kwargs
+    with torch.no_grad():
+        for i, (inputs, targets, changed, steps) in enumerate(calls):
+            y = [run_layer(dense.model.layers[i], h, k) for h, k in zip(y, kw[i])]
+            for got, want in zip(inputs, x):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for got, want in zip(targets, y):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            factors = {f"model.layers.{i}.{n}" for n, m in model.model.layers[i].named_modules()
+                       if isinstance(m, svdkern.LowRankLinear) for n in (f"{n}.U", f"{n}.V")}
+            assert steps > 0 and changed == factors, i
+            x = [run_layer(model.model.layers[i], h, k) for h, k in zip(x, kw[i])]
 
 
 @pytest.mark.parametrize("method,knobs", [

@@ -39,12 +39,9 @@ def _worker(rank, world, port, method, family, out, knobs=None):
             return real_svd(*args, **kwargs)
 
         pipeline.svd_of = counted
-        model = tiny_model(family, seed=5)
-        svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=2, progress=False,
-                         log=lambda *_: None, **(knobs or {}))
-        torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
-        report = model._svdkern_report
-        torch.save({"solves": solves[0], "allocation": report.allocation, "plc": report.plc,
+        weights, report, losses = one_process_run(family, method, 2, **(knobs or {}))
+        torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"solves": solves[0], "allocation": report.allocation, "plc": report.plc, "v2_losses": losses,
                     **{f: getattr(report, f) for f in checkpoint.REPORT_FIELDS}},
                    os.path.join(out, f"report{rank}.pt"))
     finally:
@@ -67,7 +64,8 @@ def free_port() -> int:
 def test_two_gloo_processes_give_one_process_factors(method, family, knobs, tmp_path):
     mp.spawn(_worker, args=(2, free_port(), method, family, str(tmp_path), knobs), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    (expected, report), reordered = one_process_run(family, method, 2, **knobs), one_process(family, method, 4, **knobs)
+    expected, report, losses = one_process_run(family, method, 2, **knobs)
+    reordered = one_process(family, method, 4, **knobs)
     assert set(ranks[0]) == set(expected)
     for name, W in expected.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank solved the same thing
@@ -82,6 +80,10 @@ def test_two_gloo_processes_give_one_process_factors(method, family, knobs, tmp_
     reports = [torch.load(tmp_path / f"report{r}.pt") for r in range(2)]
     per_matrix = 2 if method == "saes-svd" else 1
     solves = [r.pop("solves") for r in reports]
+    if knobs.get("layer_policy") == "v2":  # its losses count every rank's tokens
+        assert losses and reports[0]["v2_losses"].keys() == losses.keys()
+        for name, loss in losses.items():
+            assert reports[0]["v2_losses"][name] == pytest.approx(loss, rel=1e-5), name
     assert sum(solves) == per_matrix * len(expected) and max(solves) <= per_matrix * (len(expected) // 2 + 2)
     assert reports[0] == reports[1] and set(reports[0]["ranks"]) == {
         n.split("layers.", 1)[1] for n in expected}
@@ -101,32 +103,44 @@ def one_process(family, method, batch_size, **knobs) -> dict:
 
 
 def one_process_run(family, method, batch_size, **knobs):
-    """(dense weights of the factors, report) of one process's run."""
-    model = tiny_model(family, seed=5)
-    svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=batch_size, progress=False,
-                     log=lambda *_: None, **knobs)
-    return dense_weights(model), model._svdkern_report
+    """(dense weights of the factors, report, SVD-LLM V2's losses if measured) of this process's run."""
+    import svdkern.policy as policy
+
+    model, losses, real = tiny_model(family, seed=5), {}, policy.v2_losses
+    policy.v2_losses = lambda *a: losses.update(real(*a)) or dict(losses)
+    try:
+        svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=batch_size, progress=False,
+                         log=lambda *_: None, **knobs)
+    finally:
+        policy.v2_losses = real
+    return dense_weights(model), model._svdkern_report, losses
 
 
-def _resuming_worker(rank, world, port, method, out, ckpt, stop):
+def _resuming_worker(rank, world, port, method, out, ckpt, stop, knobs=None):
     """One rank of a checkpointed run. stop: None (run to the end and save the factors) or, per
-    rank, ("ctrl-c", n): KeyboardInterrupt in this rank's n-th layer forward, or ("kill", n, half):
-    the process dies at its n-th checkpoint write (half: after the temporary file, before the rename)."""
+    rank, ("ctrl-c", n): KeyboardInterrupt in this rank's n-th layer forward, ("ctrl-c-spectra", n):
+    in its n-th SVD of the allocation's spectra pass, or ("kill", n, half): the process dies at its
+    n-th checkpoint write (half: after the temporary file, before the rename)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     import svdkern.blocks as blocks
     import svdkern.checkpoint as checkpoint
+    import svdkern.sensitivity as sensitivity
 
-    plan, forwards, writes = (stop or {}).get(rank), [0], [0]
-    real_run, real_atomic = blocks.run_layer, checkpoint._atomic
+    plan, forwards, writes, spectra = (stop or {}).get(rank), [0], [0], [0]
+    real_atomic = checkpoint._atomic
 
-    def counted(*args, **kwargs):
-        forwards[0] += 1
-        if plan and plan[0] == "ctrl-c" and forwards[0] == plan[1]:
-            raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
-    blocks.run_layer = counted
+    def interrupting(real, calls, kind):
+        """`real`, its calls counted in calls[0]; Ctrl-C at the call this rank's plan names for `kind`."""
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            if plan and plan[0] == kind and calls[0] == plan[1]:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return counted
+    blocks.run_layer = interrupting(blocks.run_layer, forwards, "ctrl-c")
+    sensitivity.svd_of = interrupting(sensitivity.svd_of, spectra, "ctrl-c-spectra")
     if plan and plan[0] == "kill":
         def dying(write, path):
             writes[0] += 1
@@ -139,7 +153,7 @@ def _resuming_worker(rank, world, port, method, out, ckpt, stop):
     try:
         model = tiny_model("llama", seed=5, layers=3)
         svdkern.compress(model, method, 0.3, calib=calibration(), batch_size=2, checkpoint_dir=ckpt,
-                         progress=False, log=lambda *_: None)
+                         progress=False, log=lambda *_: None, **(knobs or {}))
     except KeyboardInterrupt:  # torch's spawn would exit 0 on it; a peer would wait in a collective
         os._exit(3)
     except Exception as exc:
@@ -152,6 +166,7 @@ def _resuming_worker(rank, world, port, method, out, ckpt, stop):
         raise
     torch.save(dense_weights(model), os.path.join(out, f"rank{rank}.pt"))
     torch.save(forwards[0], os.path.join(out, f"forwards{rank}.pt"))
+    torch.save(spectra[0], os.path.join(out, f"spectra{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -192,6 +207,28 @@ def test_two_ranks_resume_to_the_uninterrupted_factors(method, tmp_path):
             if resumes:  # the finished layers were not run again
                 assert torch.load(out / f"forwards{r}.pt") < torch.load(tmp_path / f"forwards{r}.pt"), (case, stop)
         assert not ckpt.exists(), (case, stop)
+
+
+def test_two_ranks_resume_the_spectra_pass_from_its_last_layer(tmp_path):
+    """Ctrl-C in the second layer of SVD-LLM V2's spectra pass (each rank in its own matrix): the
+    two ranks resume from the first layer's saved spectra and streams, to the uninterrupted factors."""
+    knobs = dict(layer_policy="v2")
+    run = lambda out, ckpt, stop: mp.spawn(  # noqa: E731
+        _resuming_worker, args=(2, free_port(), "svd-llm", str(out), str(ckpt), stop, knobs), nprocs=2)
+    run(tmp_path, tmp_path / "ck0", None)
+    want, whole = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "spectra0.pt")
+    per_layer = whole // 3
+    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "ck"
+    out.mkdir()
+    with pytest.raises(Exception):
+        run(out, ckpt, {0: ("ctrl-c-spectra", per_layer + 2), 1: ("ctrl-c-spectra", per_layer + 5)})
+    assert (ckpt / "spectra.pt").exists() and not (ckpt / "allocation.json").exists()
+    run(out, ckpt, None)
+    for r in range(2):
+        got = torch.load(out / f"rank{r}.pt")
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), r
+        assert torch.load(out / f"spectra{r}.pt") == whole - per_layer  # layer 0 was read back
+    assert not ckpt.exists()
 
 
 def test_a_rank_that_cannot_resume_stops_every_rank(tmp_path):

@@ -137,8 +137,10 @@ def test_fp_group_input_cache_changes_nothing(windows):
         assert torch.equal(fa[name][0], fb[name][0]) and torch.equal(fa[name][1], fb[name][1])
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma"])
-def test_staged_executor_reproduces_the_layer_and_the_generic_driver(model_type, windows, monkeypatch):
+@pytest.mark.parametrize("model_type,knobs", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("gemma", {}),
+                                              ("llama", dict(refine_epochs=3, refine_lr=3e-3, holdout_batches=0))])
+def test_staged_executor_reproduces_the_layer_and_the_generic_driver(model_type, knobs, windows, monkeypatch):
+    """Also with refinement, which changes the factors after the staged results were computed."""
     import svdkern.pipeline as pipeline
     from svdkern.blocks import capture_layer_inputs, run_layer
     from svdkern.staged import LlamaStages, stageable
@@ -157,7 +159,8 @@ def test_staged_executor_reproduces_the_layer_and_the_generic_driver(model_type,
         if not allowed:
             monkeypatch.setattr(pipeline, "_can_stage", lambda *a: False)
         work = tiny_model(model_type, seed=9)
-        compress_model(work, windows, config_for("ep-svd-llm", 0.4), **QUIET)
+        report = compress_model(work, windows, config_for("ep-svd-llm", 0.4, **knobs), **QUIET)
+        assert not knobs or all(r["steps"] > 0 for r in report.refine.values())
         runs[label] = factors(work)
     for name, (U, V) in runs["generic"].items():
         Us, Vs = runs["staged"][name]

@@ -202,3 +202,35 @@ def test_every_setting_that_shapes_the_factors_is_refused_on_resume(field, windo
     resumed = checkpoint.Checkpoint(str(tmp_path / "ck"), checkpoint.fingerprint(model, store, windows, other, 4), 0.0)
     with pytest.raises(RuntimeError, match=f"method settings {field} "):
         resumed.load_allocation()
+
+
+def test_ctrl_c_in_the_spectra_pass_resumes_from_its_last_layer(windows, tmp_path, monkeypatch):
+    """`best`'s allocation measures every layer's whitened spectra before any layer is compressed:
+    an interrupted pass keeps the layers it finished, says so, and the rerun measures only the rest."""
+    import svdkern.sensitivity as sensitivity
+
+    knobs = dict(sensitivity_samples=8)
+    want = factors(run("best", windows, **knobs))
+    per_layer = sum(len(g) for g in svdkern.models.architecture_of(tiny_model("llama")).groups)
+    real, solves = sensitivity.svd_of, []
+
+    def counted(*args, **kwargs):
+        solves.append(1)
+        if len(solves) == per_layer + 1:  # the first matrix of the second layer
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "svd_of", counted)
+    ckpt, said = str(tmp_path / "ckpt"), []
+    with pytest.raises(KeyboardInterrupt):
+        svdkern.compress(tiny_model("llama", seed=5, layers=LAYERS), "best", 0.3, calib=windows, checkpoint_dir=ckpt,
+                         batch_size=4, progress=False, log=said.append, **knobs)
+    assert "the spectra of the layers measured" in said[-1] and "Fisher" in said[-1], said[-1]
+    solves.clear()
+    monkeypatch.setattr(sensitivity, "svd_of", lambda *a, **k: solves.append(1) or real(*a, **k))
+    got = factors(run("best", windows, ckpt=ckpt, **knobs))
+    assert len(solves) == (LAYERS - 1) * per_layer  # layer 0's spectra were read back
+    assert got.keys() == want.keys()
+    for name, (U, V) in want.items():
+        assert torch.equal(got[name][0], U) and torch.equal(got[name][1], V), name
+    assert not os.path.exists(ckpt)  # a finished run leaves nothing behind

@@ -54,6 +54,35 @@ def test_whitening_invariance_cholesky_eigh_sqrt():
         torch.testing.assert_close(p, products[0], rtol=1e-9, atol=1e-9)
 
 
+def test_eigh_damping_floors_only_the_null_space_relative_to_the_gram():
+    """P Pᵀ = H + floor·(I − Π), Π the projection on the inputs' span (by QR, not eigh), and the
+    floor relative to the mean eigenvalue: so the factors do not change with the Gram's scale."""
+    W, X = problem(N=9)  # 9 samples of 17 features: an 8-dimensional null space
+    H, damp = X @ X.T, 1e-3
+    Q, _ = torch.linalg.qr(X)
+    floor = damp * torch.trace(H) / H.shape[0]
+    assert float(torch.linalg.eigvalsh(Q.T @ H @ Q)[0]) > floor  # every direction of the span is above it
+    P = whiten(H, "eigh", damp_rel=damp).P
+    torch.testing.assert_close(P @ P.T, H + floor * (torch.eye(17) - Q @ Q.T), rtol=1e-9, atol=1e-9 * float(floor))
+    products = []
+    for scale in (1.0, 1e-6, 1e6):
+        U, V = factorize(W, whiten(scale * H, "eigh", damp_rel=damp), 5)
+        products.append(U @ V)
+    for p in products[1:]:
+        torch.testing.assert_close(p, products[0], rtol=1e-8, atol=1e-8)
+
+
+def test_cholesky_damping_adds_the_relative_floor_and_agrees_with_eigh_on_a_full_rank_gram():
+    W, X = problem()
+    H, damp = X @ X.T, 1e-7
+    wh = whiten(H, "cholesky", damp_rel=damp)
+    shift = damp * torch.trace(H) / H.shape[0]
+    torch.testing.assert_close(wh.P @ wh.P.T, H + shift * torch.eye(17), rtol=1e-10, atol=1e-10 * float(shift))
+    assert float(torch.linalg.eigvalsh(H)[0]) > 1e3 * float(shift)  # the floor hardly touches this Gram
+    chol, eig = (factorize(W, whiten(H, method, damp_rel=damp), 5) for method in ("cholesky", "eigh"))
+    torch.testing.assert_close(chol[0] @ chol[1], eig[0] @ eig[1], rtol=1e-5, atol=1e-6)
+
+
 def two_streams(seed=2, m=19, n=13, N=77):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g)

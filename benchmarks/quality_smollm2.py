@@ -38,10 +38,14 @@ ABLATION = {
     "best + end-to-end tuning": ("best", {"tune_epochs": 2}),
     # power 0.5 chosen on held-out calibration windows (0 / 0.5 / 1 on EP at 0.2)
     "ep-svd-llm + output-aware whitening": ("ep-svd-llm", {"output_weighting": 0.5, "sensitivity_samples": 16}),
-    "best + output-aware whitening": ("best", {"output_weighting": 0.5}),
+    "best without output-aware whitening": ("best", {"output_weighting": 0.0}),
+    # `best` before issue 21's output weighting and issue 22's Δ filter (its rows up to 2026-12-07)
+    "best with the raw Δ, no output weighting": ("best", {"output_weighting": 0.0, "delta_damp_rel": 0.0}),
+    "best with the raw Δ, no output weighting, + end-to-end tuning": (
+        "best", {"output_weighting": 0.0, "delta_damp_rel": 0.0, "tune_epochs": 2}),
 }
 PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD, "ep-svd-llm + end-to-end tuning",
-         "best + end-to-end tuning")
+         "best + end-to-end tuning", "best with the raw Δ, no output weighting, + end-to-end tuning")
 PLOTTED = ("svd-llm", "ep-svd-llm", "erc-svd", DEFAULT_METHOD)
 # Reference points (issue 4): the public EP-SVD-LLM reference implementation, same protocol.
 REFERENCE = {"svd-llm": (86.5, 232.7, 874.0), "sc-svd-llm": (87.5, 186.5, 616.6),

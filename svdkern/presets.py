@@ -115,7 +115,8 @@ class CompressionConfig:
                              f"got {self.output_weighting}")
         if self.output_weighting and (self.whitening is None or self.beta_grid):
             raise ValueError("output_weighting weighs the outputs of the whitened solve: it needs whitening "
-                             "and no beta_grid (whose selection measures unweighted errors)")
+                             "and no beta_grid (whose selection measures unweighted errors); pass "
+                             "output_weighting=0 (--output-weighting 0) to choose β per matrix")
         if not 0.0 <= self.delta_damp_rel < 1.0:
             raise ValueError(f"delta_damp_rel must lie in [0, 1); got {self.delta_damp_rel}")
         if not 0.0 <= self.min_rank_fraction <= 1.0:
@@ -166,10 +167,12 @@ PRESETS: dict[str, dict] = {
     "ep-svd-llm": dict(stream="both", beta=0.5),
     "erc-svd": dict(residual_beta=0.05, layer_policy="plc"),
     "saes-svd": dict(stream="both", aces=True),
-    # svdkern's own composition (issue 9): EP's two streams, ranks water-filled by measured loss
-    # sensitivity, and each block's factors refined toward the FP block output.
+    # svdkern's own composition (issues 9, 21): EP's two streams, ranks water-filled by measured loss
+    # sensitivity, each output weighted in the solve by that Fisher sensitivity to the power 0.5
+    # (chosen on held-out calibration windows of SmolLM2 and Gemma3), and each block's factors
+    # refined toward the FP block output.
     "best": dict(stream="both", beta=0.5, layer_policy="sensitivity", sensitivity_samples=16,
-                 refine_epochs=2),
+                 output_weighting=0.5, refine_epochs=2),
     # AA-SVD's reference code at its defaults (objective "obj2": SVD-LLM's whitened solve on the
     # original model's activations; then 25 epochs of block refinement on the compressed stream's
     # inputs toward the FP block outputs, AdamW lr 1e-4, every block parameter, last state kept).

@@ -12,8 +12,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_solvers.py", "tests/test_method_oracles.py", "tests/test_allocation.py",
-         "tests/test_output_weighting.py", "tests/test_pipeline.py", "tests/test_tune.py", "tests/test_resume.py",
-         "tests/test_distributed.py"]  # quick files first: a mutant stops at its first failing test
+         "tests/test_output_weighting.py", "tests/test_pipeline.py", "tests/test_tune.py", "tests/test_io.py",
+         "tests/test_resume.py", "tests/test_distributed.py"]  # quick files first: a mutant stops at its first failing test
 
 # name -> (file, original text, mutated text)
 MUTANTS = {
@@ -115,6 +115,17 @@ MUTANTS = {
         "svdkern/refine.py", 'RECIPES = {"svdkern": Recipe(),', 'RECIPES = {"svdkern": Recipe(train_all=True),'),
     "the spectra pass resumes on the stream it started with": (
         "svdkern/sensitivity.py", "        start, hidden, kept = saved", "        start, _, kept = saved"),
+    # biases and what is saved (nn.py, hf_quantizer.py)
+    "the autograd path drops the bias": (
+        "svdkern/nn.py", "            return F.linear(F.linear(x, self.V), self.U, self.bias)\n        if torch.compiler",
+        "            return F.linear(F.linear(x, self.V), self.U)\n        if torch.compiler"),
+    "rank padding drops the bias": (
+        "svdkern/nn.py", "from_factors(U, V, None if self.bias is None else self.bias.detach())",
+        "from_factors(U, V, None)"),
+    "saving ignores the dtype asked for": (
+        "svdkern/hf_quantizer.py",
+        "cast[ident] = value.to(dtype) if dtype is not None and value.is_floating_point() else value",
+        "cast[ident] = value"),
     "the staged executor propagates results from before refinement": (
         "svdkern/pipeline.py", "if staging and not cfg.refine_epochs else None)", "if staging else None)"),
 }

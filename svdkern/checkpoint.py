@@ -114,7 +114,7 @@ class Checkpoint:
         if distributed.rank() == 0:  # every rank allocated the same ranks
             _atomic(lambda p: _write_json(record, p), os.path.join(self.dir, "allocation.json"))
         distributed.barrier()  # the ranks are on disk: the spectra pass behind them is not needed again
-        self._drop_spectra_streams()
+        self._drop_own_files("spectra_stream_")
         if distributed.rank() == 0 and os.path.exists(os.path.join(self.dir, "spectra.pt")):
             os.remove(os.path.join(self.dir, "spectra.pt"))
 
@@ -131,30 +131,29 @@ class Checkpoint:
         """(next layer, this rank's FP stream there, the spectra of the layers before) the
         interrupted spectra pass saved, or None; every rank resumes at the same layer or all refuse."""
         saved = self._read_record("spectra.pt")
-        self._same_on_every_rank(None if saved is None else saved["next_layer"])
+        self._same_on_every_rank(None if saved is None else saved["pass"]["next_layer"])
         if saved is None:
             return None
         self._check(saved["fingerprint"])
-        path = os.path.join(self.dir, _rank_file(f"spectra_stream_{saved['next_layer']:04d}"))
+        done = saved["pass"]["next_layer"]
+        path = os.path.join(self.dir, _rank_file(f"spectra_stream_{done:04d}"))
         hidden = self._on_every_rank(lambda: torch.load(path, map_location="cpu", weights_only=True))
-        return saved["next_layer"], hidden, saved["spectra"]
+        return done, hidden, saved["pass"]["spectra"]
 
     def save_spectra(self, next_layer: int, hidden: list, spectra: dict) -> None:
         """After each layer of the allocation's spectra pass: this rank's stream, then (rank 0) the
         spectra and the layer they reach; older streams go once that record names the new one."""
         name = _rank_file(f"spectra_stream_{next_layer:04d}")
         _atomic(lambda p: torch.save([t.cpu() for t in hidden], p), os.path.join(self.dir, name))
-        distributed.barrier()
-        if distributed.rank() == 0:
-            record = {"fingerprint": self.fingerprint, "next_layer": next_layer, "spectra": spectra}
-            _atomic(lambda p: torch.save(record, p), os.path.join(self.dir, "spectra.pt"))
-        distributed.barrier()
-        self._drop_spectra_streams(keep=name)
+        distributed.barrier()  # every rank's stream is on disk before the record names it
+        self._write_shared("spectra.pt", "pass", {"next_layer": next_layer, "spectra": spectra})
+        self._drop_own_files("spectra_stream_", keep=name)
 
-    def _drop_spectra_streams(self, keep: str | None = None) -> None:
-        mine = _rank_file("x").removeprefix("x")  # ".pt", or ".rankR.pt" under torch.distributed
+    def _drop_own_files(self, prefix: str, keep: str | None = None) -> None:
+        """This rank's files `prefix`… (streams, one per layer) other than `keep`."""
+        mine = _rank_file("")  # ".pt", or ".rankR.pt" under torch.distributed
         for name in os.listdir(self.dir):
-            if name.startswith("spectra_stream_") and name.endswith(mine) and name != keep:
+            if name.startswith(prefix) and name.endswith(mine) and name != keep:
                 os.remove(os.path.join(self.dir, name))
 
     def kept_before_layers(self) -> str:
@@ -267,10 +266,7 @@ class Checkpoint:
                         "report": {key: getattr(report, key) for key in REPORT_FIELDS}}
             _atomic(lambda p: _write_json(progress, p), self.progress_file)
         distributed.barrier()  # progress.json names this layer: this rank's older streams are superseded
-        mine = _stream_file(0).removeprefix("streams_0000")  # ".pt", or ".rankR.pt" under torch.distributed
-        for name in os.listdir(self.dir):
-            if name.startswith("streams_") and name.endswith(mine) and name != stream_file:
-                os.remove(os.path.join(self.dir, name))
+        self._drop_own_files("streams_", keep=stream_file)
 
 
 def _stream_file(index: int) -> str:

@@ -13,7 +13,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_solvers.py", "tests/test_method_oracles.py", "tests/test_allocation.py",
          "tests/test_output_weighting.py", "tests/test_pipeline.py", "tests/test_tune.py", "tests/test_io.py",
-         "tests/test_resume.py", "tests/test_distributed.py"]  # quick files first: a mutant stops at its first failing test
+         "tests/test_resume.py", "tests/test_distributed.py", "tests/test_cli.py"]  # quick files first: a mutant stops at its first failing test
 
 # name -> (file, original text, mutated text)
 MUTANTS = {
@@ -128,6 +128,14 @@ MUTANTS = {
         "cast[ident] = value"),
     "the staged executor propagates results from before refinement": (
         "svdkern/pipeline.py", "if staging and not cfg.refine_epochs else None)", "if staging else None)"),
+    # issue 21: the default tunes end to end, so its cost is checked before the run
+    "too few windows for tuning found only after the layer-wise solve": (
+        "svdkern/pipeline.py", "split_windows(len(windows), cfg.tune_holdout)  # too few",
+        "(len(windows), cfg.tune_holdout)  # too few"),
+    "the memory estimate undercounts tuning's AdamW state": (
+        "svdkern/preflight.py", "per_param = 12 if itemsize == 4 else", "per_param = 8 if itemsize == 4 else"),
+    "the command line leaves tuning out of its memory check": (
+        "svdkern/cli.py", "else None, eval_batch, cfg)", "else None, eval_batch)"),
 }
 # the generic "all Grams first" mutant needs the untouched layer at hand
 SETUP = {"sc computes all group Grams before replacing any group (generic driver)": (

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF id or directory, a .gguf file, or 'smollm2' (bundled, the default)")
     c.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(PRESETS),
                    help=f"compression method (default {DEFAULT_METHOD}: svdkern's most accurate "
-                        "composition; svd-llm is the fastest whitened one)")
+                        "composition: EP's two streams, ranks by Fisher sensitivity, output-aware whitening, "
+                        "3 epochs of end-to-end tuning; svd-llm is the fastest whitened one)")
     c.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters removed per matrix")
     c.add_argument("--calib", default="wikitext2", help="'wikitext2' or a text file")
     c.add_argument("--nsamples", type=int, default=64)
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration micro-batches held out to choose alpha and refinement steps")
     c.add_argument("--tune-epochs", type=int, default=None,
                    help="end-to-end tuning after the layer-wise solve: epochs of AdamW on the factors toward "
-                        "the dense model's next-token distributions (0 = off; needs the model in memory)")
+                        "the dense model's next-token distributions (0 = off; best: 3; needs the model in memory)")
     c.add_argument("--tune-lr", type=float, default=None, help="end-to-end tuning peak learning rate")
     c.add_argument("--tune-batch", type=int, default=None, help="end-to-end tuning: windows per step")
     c.add_argument("--tune-holdout", type=int, default=None,
@@ -201,13 +202,19 @@ def _needs_hub(model: str) -> bool:
     return not (model == "smollm2" or os.path.exists(os.path.expanduser(model)))
 
 
-def _check_fits(model, args, stream, eval_batch) -> None:
+def _check_fits(model, args, stream, eval_batch, cfg=None) -> None:
+    from .models import architecture_of
+    from .pipeline import block_linear_params
     from .preflight import check_context, check_memory, estimate_memory
 
     check_context(model.config, args.seqlen)
     nsamples = getattr(args, "nsamples", 0)
-    check_memory(estimate_memory(model, stream, nsamples, args.seqlen, eval_batch,
-                                 _device(args)), _device(args))
+    tune_params = 0
+    if cfg is not None and cfg.tune_epochs:  # the factors keep about (1 - ratio) of the linears
+        arch = architecture_of(model)
+        tune_params = int((1 - cfg.ratio) * block_linear_params(model.get_submodule(arch.layers_path), arch))
+    check_memory(estimate_memory(model, stream, nsamples, args.seqlen, eval_batch, _device(args),
+                                 tune_params=tune_params, tune_topk=cfg.tune_topk if cfg else 0), _device(args))
 
 
 def _join_process_group(device: str) -> str:
@@ -261,6 +268,13 @@ def cmd_compress(args) -> int:
              "tune_holdout": args.tune_holdout, "tune_topk": args.tune_topk, "tune_norms": args.tune_norms}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     cfg = config_for(args.method, args.ratio, **knobs)  # bad knobs fail here, before the model loads
+    if cfg.tune_epochs and args.nsamples >= 1:  # (a count below 1 is refused as such below)
+        from .tune import split_windows
+
+        try:
+            split_windows(args.nsamples, cfg.tune_holdout)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
     if args.stream_from_disk:
         if cfg.tune_epochs:
             raise PreflightError("end-to-end tuning trains the whole model at once, so it cannot stream layers from "
@@ -271,7 +285,7 @@ def cmd_compress(args) -> int:
     check_model_fits(args.model, DTYPES[args.dtype].itemsize)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device)
     eval_batch = None if args.no_eval else min(4, args.eval_windows)  # perplexity()'s batch
-    _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch)
+    _check_fits(model, args, cfg.stream if cfg.whitening else None, eval_batch, cfg)
     if cfg.whitening is not None:  # a text too short for the windows fails now, not after the dense evaluation
         from .data import calibration_windows
 

@@ -34,7 +34,7 @@ from .solvers.factorize import factors_from_svd, svd_of, target, truncation_erro
 from .solvers.rank import RatioError, check_saves_parameters, residual_rank
 from .solvers.select import select_beta
 from .solvers.whiten import whiten
-from .tune import dense_targets, tune_end_to_end
+from .tune import dense_targets, split_windows, tune_end_to_end
 from .staged import LlamaStages, stageable, staged_matches_layer
 from .stats import CrossStats, GramStats
 
@@ -172,6 +172,8 @@ def compress_model(model, windows: torch.Tensor, cfg: CompressionConfig, *, devi
         raise ValueError("end-to-end tuning trains the whole model at once: it cannot stream layers from "
                          "disk. Drop --stream-from-disk (the compressed model must fit in memory) or set "
                          "--tune-epochs 0")
+    if cfg.tune_epochs:
+        split_windows(len(windows), cfg.tune_holdout)  # too few windows: refused now, not after the solve
     report = CompressionReport(config=cfg.to_dict())
     report.block_params_before = block_linear_params(layers, arch)
     report.model_params_before = sum(p.numel() for p in model.parameters())

@@ -163,8 +163,14 @@ class MemoryEstimate:
 
 
 def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_batch: int | None,
-                    device: str, fp_cache_bytes: int = 4 << 30) -> MemoryEstimate:
-    """Peak bytes of a compress/eval run, by its largest terms (an estimate, not a bound)."""
+                    device: str, fp_cache_bytes: int = 4 << 30, tune_params: int = 0,
+                    tune_topk: int = 0) -> MemoryEstimate:
+    """Peak bytes of a compress/eval run, by its largest terms (an estimate, not a bound).
+
+    tune_params: factor parameters that end-to-end tuning trains (0: no tuning); each costs its
+    gradient and AdamW's two fp32 moments, plus an fp32 master copy and its gradient when the
+    model is in half precision; the dense targets (top-k ids and log-probabilities) stay on the host.
+    """
     cfg = model.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "word_embed_proj_dim", 0)
     vocab = getattr(cfg, "vocab_size", 0)
@@ -177,6 +183,10 @@ def estimate_memory(model, stream: str | None, nsamples: int, seqlen: int, eval_
         host["calibration activations"] = 2 * streams * tokens * hidden * itemsize
         if stream == "both":
             host["FP group-input cache"] = min(fp_cache_bytes, tokens * hidden * 4 * 4)
+    if tune_params:
+        per_param = 12 if itemsize == 4 else 16 + itemsize
+        (dev if device != "cpu" else host)["end-to-end tuning"] = tune_params * per_param
+        host["tuning targets"] = nsamples * seqlen * (tune_topk * 12 + 4)
     if eval_batch:
         # fp32 logits of one evaluation batch, their copy and the cross-entropy's
         (dev if device != "cpu" else host)["evaluation logits"] = 3 * eval_batch * seqlen * vocab * 4
@@ -199,6 +209,7 @@ def _refuse_if_short(parts: dict, free: int | None, where: str, verb: str) -> No
     need = sum(parts.values())
     if free is not None and need > free:
         described = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items())
+        tuning = ", or turn end-to-end tuning off with --tune-epochs 0" if "end-to-end tuning" in parts else ""
         raise PreflightError(f"this run needs about {need / GIB:.1f} GiB of {where} beside the loaded "
                              f"model ({described}) and {free / GIB:.1f} GiB {verb}: lower --nsamples, "
-                             "--seqlen or the evaluation's --batch-size/--eval-windows")
+                             f"--seqlen or the evaluation's --batch-size/--eval-windows{tuning}")

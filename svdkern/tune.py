@@ -178,7 +178,8 @@ def schedule(step: int, total: int, warmup: int) -> float:
 def split_windows(count: int, holdout: int) -> tuple[list[int], list[int]]:
     if not 1 <= holdout < count:
         raise ValueError(f"end-to-end tuning holds out {holdout} of {count} calibration windows: it needs "
-                         "at least one to select on and one to train on (raise nsamples or change tune_holdout)")
+                         "at least one to select on and one to train on (raise --nsamples, lower "
+                         "--tune-holdout, or turn tuning off with --tune-epochs 0)")
     return list(range(count - holdout)), list(range(count - holdout, count))
 
 

@@ -240,12 +240,16 @@ def test_policies_compose_with_every_stream_and_rec(method, knobs, windows):
         assert torch.isfinite(model(windows[:2]).logits).all()
 
 
-def test_best_preset_runs_on_a_bfloat16_model(windows):
-    """Refinement steps in fp32 and hands the block back in the model's dtype."""
+@pytest.mark.parametrize("knobs", [{}, dict(refine_epochs=2, tune_epochs=0)])
+def test_best_preset_runs_on_a_bfloat16_model(windows, knobs):
+    """Tuning and block refinement step in fp32 and hand the factors back in the model's dtype."""
     model = tiny_model("llama", seed=8, dtype=torch.bfloat16)
-    svdkern.compress(model, "best", 0.4, calib=windows, batch_size=4, **QUIET)
+    svdkern.compress(model, "best", 0.4, calib=windows, batch_size=4, **knobs, **QUIET)
     report = model._svdkern_report
-    assert len(report.refine) == 2 and all(r["after"] <= r["before"] for r in report.refine.values())
+    if knobs:
+        assert len(report.refine) == 2 and all(r["after"] <= r["before"] for r in report.refine.values())
+    else:
+        assert report.tune["held_out_kl_after"] <= report.tune["held_out_kl_before"] and not report.refine
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(model(windows[:2]).logits.float()).all()

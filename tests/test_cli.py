@@ -68,13 +68,14 @@ def test_bench_and_generate_compare_with_the_source(model_dir, tmp_path, capsys)
                  "--out", str(out), "--device", "cpu", "--report"]) == 0
     assert (out / "report.png").stat().st_size > 0
     capsys.readouterr()
-    assert main(["bench", str(out), "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1",
+    # enough tokens and repeats that decode's timing stands above the noise of a loaded machine
+    assert main(["bench", str(out), "--prompt-tokens", "16", "--new-tokens", "16", "--repeats", "3",
                  "--device", "cpu", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in rows] == [str(model_dir), str(out)]
     assert rows[1]["parameters"] < rows[0]["parameters"] and all(r["decode_tokens_per_s"] > 0 for r in rows)
-    assert main(["bench", str(out), "--dense", "none", "--prompt-tokens", "8", "--new-tokens", "2",
-                 "--repeats", "1", "--device", "cpu"]) == 0
+    assert main(["bench", str(out), "--dense", "none", "--prompt-tokens", "8", "--new-tokens", "8",
+                 "--repeats", "3", "--device", "cpu"]) == 0
     assert "| prefill tok/s |" in capsys.readouterr().out
     assert main(["bench", str(out), "--new-tokens", "1", "--device", "cpu"]) == 2
     assert "--new-tokens must be at least 2" in capsys.readouterr().err
@@ -125,6 +126,7 @@ def test_eval_of_a_corrupt_checkpoint(tmp_path, capsys):
     (["--ratio", "1.5"], "between 0 and 1"),
     (["--ratio", "0"], "between 0 and 1"),
     (["--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--nsamples", "8"], "end-to-end tuning holds out 8 of 8 calibration windows"),  # the default tunes
     (["--seqlen", "1"], "--seqlen must be at least 2"),
     (["--rank-align", "12"], "rank_align must be one of auto, 1, 8, 16, 32, 64; got 12"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -192,6 +194,36 @@ def test_what_needs_the_model_is_checked_before_the_dense_evaluation(model_dir, 
     assert main([*base, "--seqlen", "64"]) == 2
     assert "GiB of host memory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_counts_end_to_end_tuning(model_dir, tmp_path, capsys, monkeypatch):
+    """The default preset tunes every factor with AdamW: a machine that fits the layer-wise solve
+    but not the tuning's gradients and moments is refused before the run, with the way out named."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import svdkern.preflight as preflight
+    from conftest import tiny_model
+    from svdkern.models import architecture_of
+    from svdkern.pipeline import block_linear_params
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    params = block_linear_params(model.get_submodule("model.layers"), architecture_of(model))
+    solve = preflight.estimate_memory(model, "both", 16, 64, None, "cpu")
+    tuned = preflight.estimate_memory(model, "both", 16, 64, None, "cpu", tune_params=params, tune_topk=128)
+    assert tuned.host == {**solve.host, "end-to-end tuning": 12 * params, "tuning targets": 16 * 64 * (128 * 12 + 4)}
+    half = preflight.estimate_memory(tiny_model("llama", dtype=torch.bfloat16), "both", 16, 64, None, "cpu",
+                                     tune_params=params, tune_topk=128)
+    assert half.host["end-to-end tuning"] == 18 * params  # + fp32 masters and their gradients
+
+    base = ["compress", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--nsamples", "16", "--seqlen", "64", "--no-eval"]
+    monkeypatch.setattr("svdkern.cli.check_model_fits", lambda *_a: None)  # the model itself fits
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: sum(solve.host.values()) + 4096)
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "end-to-end tuning" in err and "--tune-epochs 0" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_empty_calibration_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
@@ -279,10 +311,11 @@ def test_compress_streams_from_disk(model_dir, tmp_path, capsys, monkeypatch):
     ids = torch.arange(1, 20)[None]
     with torch.no_grad():
         assert torch.equal(mem(ids).logits, disk(ids).logits)
-    assert main(["compress", "--model", "smollm2", "--stream-from-disk", "--out", str(tmp_path / "x")]) == 2
+    assert main(["compress", "--model", "smollm2", "--method", "ep-svd-llm", "--stream-from-disk",
+                 "--out", str(tmp_path / "x")]) == 2
     assert "reads a model directory of safetensors shards" in capsys.readouterr().err
     assert main(["compress", "--model", str(source), *common, "--stream-from-disk", "--tune-epochs", "1",
-                 "--out", str(tmp_path / "t")]) == 2
+                 "--tune-holdout", "2", "--out", str(tmp_path / "t")]) == 2
     assert "end-to-end tuning trains the whole model at once" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
     monkeypatch.setattr(preflight, "available_host_bytes", lambda: 1000)

@@ -57,7 +57,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("method,family,knobs", [(m, "llama", {}) for m in METHODS] + [
     ("ep-svd-llm", "opt", {}),
     ("erc-svd", "llama", dict(plc_samples=6)),                       # PLC's search on the first batches
-    ("best", "llama", dict(sensitivity_samples=6)),  # Fisher-weighted allocation, block refinement
+    ("best", "llama", dict(sensitivity_samples=6, refine_epochs=2)),  # Fisher ranks and outputs, refinement, tuning
     ("svd-llm", "llama", dict(layer_policy="v2")),
     ("ep-svd-llm", "llama", dict(beta_grid=(0.0, 0.5, 1.0), holdout_batches=2)),  # held-out β
     ("svd-llm", "qwen2", dict(tune_epochs=2, tune_batch=4, tune_holdout=4, tune_lr=1e-3))])  # all-reduced tuning

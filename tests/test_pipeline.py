@@ -226,15 +226,15 @@ def test_padded_ranks_are_exact(model_type, tmp_path, windows):
         pad_ranks(loaded, 0)
 
 
-@pytest.mark.parametrize("method,stages", [
-    ("svd", {"solves"}),
-    ("svd-llm", {"capture", "statistics", "solves"}),
-    ("ep-svd-llm", {"capture", "statistics", "solves"}),
-    ("best", {"capture", "allocation", "statistics", "solves", "refinement"}),
+@pytest.mark.parametrize("method,knobs,stages", [
+    ("svd", {}, {"solves"}),
+    ("svd-llm", {}, {"capture", "statistics", "solves"}),
+    ("ep-svd-llm", {"refine_epochs": 1}, {"capture", "statistics", "solves", "refinement"}),
+    ("best", {}, {"capture", "allocation", "statistics", "solves", "tuning"}),
 ])
-def test_report_says_where_the_time_went(method, stages, windows, tmp_path):
+def test_report_says_where_the_time_went(method, knobs, stages, windows, tmp_path):
     model = tiny_model("llama", seed=1)
-    svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ckpt"), **QUIET)
+    svdkern.compress(model, method, 0.3, calib=windows, checkpoint_dir=str(tmp_path / "ckpt"), **knobs, **QUIET)
     report = model._svdkern_report
     spent = report.stage_seconds
     expected = stages | {"forward and the rest"} | ({"checkpoint I/O", "allocation"} if method != "svd" else set())

@@ -73,8 +73,11 @@ def assert_same_output(directory, reference, windows):
     ("best", "llama", False), ("ep-svd-llm", "opt", True)])
 def test_streamed_run_equals_the_in_memory_run(method, model_type, strip, windows, tmp_path):
     source = sharded(tmp_path, model_type, strip_prefix=strip)
-    reference = in_memory(method, windows, model_type)
-    model = streamed(source, str(tmp_path / "out"), windows, method)
+    # best's end-to-end tuning needs the whole model (refused when streaming); its layer-wise
+    # levers (sensitivity ranks, output weighting) stream, and block refinement with them
+    knobs = dict(tune_epochs=0, refine_epochs=1) if method == "best" else {}
+    reference = in_memory(method, windows, model_type, **knobs)
+    model = streamed(source, str(tmp_path / "out"), windows, method, **knobs)
     assert all(p.is_meta for p in model.get_submodule(
         svdkern.models.architecture_of(model).layers_path).parameters())  # no layer stayed in memory
     assert_same_output(str(tmp_path / "out"), reference, windows)
@@ -82,6 +85,14 @@ def test_streamed_run_equals_the_in_memory_run(method, model_type, strip, window
     for key in checkpoint.REPORT_FIELDS + ("allocation", "plc"):
         assert getattr(got, key) == getattr(want, key), key
     assert (got.block_params_after, got.model_params_after) == (want.block_params_after, want.model_params_after)
+
+
+def test_the_default_preset_streams_only_without_its_tuning(windows, tmp_path):
+    """`best` tunes end to end, which needs the whole model: streaming it is refused with the fix."""
+    source = sharded(tmp_path)
+    with pytest.raises(ValueError, match="cannot stream layers from disk.*--tune-epochs 0"):
+        streamed(source, str(tmp_path / "out"), windows, svdkern.presets.DEFAULT_METHOD)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_streamed_run_resumes_exactly(windows, tmp_path, monkeypatch):

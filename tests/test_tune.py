@@ -187,7 +187,12 @@ def test_tuning_refuses_streaming_from_disk(calib, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_tuning_needs_windows_to_hold_out(calib):
+def test_tuning_needs_windows_to_hold_out(calib, monkeypatch):
+    """Refused before any matrix is solved, not after the whole layer-wise pass."""
+    import svdkern.pipeline
+
+    monkeypatch.setattr(svdkern.pipeline, "compress_group",
+                        lambda *_a, **_k: pytest.fail("a matrix was solved before the windows were checked"))
     with pytest.raises(ValueError, match="holds out 16 of 16 calibration windows"):
         _compress(calib, tune_epochs=1, tune_holdout=16)
 

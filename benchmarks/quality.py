@@ -1,11 +1,13 @@
-"""Every method, the new default preset and its ablation on SmolLM2-135M under the dev protocol.
+"""Every method, the default preset and its ablation on SmolLM2-135M (the dev protocol) or Gemma3-270M.
 
-Writes benchmarks/results/quality_smollm2.md (perplexity on WikiText-2 test and on Python's
+Writes benchmarks/results/quality_<model>.md (perplexity on WikiText-2 test and on Python's
 documentation text, achieved ratio counted from the saved and reloaded model, compression time),
-layer_errors_0.4.png, allocation_smollm2.png (kept parameters per layer under the default preset),
-and keeps every finished row in quality_smollm2.jsonl, so an interrupted run resumes.
+for SmolLM2 also layer_errors_0.4.png and allocation_smollm2.png (kept parameters per layer under
+the default preset), and keeps every finished row in quality_<model>.jsonl, so an interrupted run
+resumes.
 
-    python benchmarks/quality_smollm2.py [--rows svd-llm,best] [--ratios 0.2,0.4] [--render-only] [--rerun]
+    python benchmarks/quality.py [--model smollm2|gemma3] [--rows svd-llm,best] [--ratios 0.2,0.4]
+                                 [--render-only] [--rerun]
 """
 import argparse
 import copy
@@ -23,29 +25,36 @@ from svdkern.models import architecture_of
 from svdkern.pipeline import block_linear_params, compress_model
 from svdkern.presets import DEFAULT_METHOD, config_for
 
-ROWS_FILE = os.path.join(RESULTS, "quality_smollm2.jsonl")
+# model -> how it is measured: Gemma3 (262k vocabulary) on half the windows, as in issue 21
+PROFILES = {"smollm2": dict(title="SmolLM2-135M", nsamples=64, windows=64),
+            "gemma3": dict(title="Gemma3-270M", nsamples=32, windows=32)}
 # label -> (method, knobs). The first block is the method table, the rest is the ablation.
 ROWS = {
     "svd": ("svd", {}), "svd-llm": ("svd-llm", {}), "sc-svd-llm": ("sc-svd-llm", {}),
-    "ep-svd-llm": ("ep-svd-llm", {}), "erc-svd": ("erc-svd", {"plc_samples": 32}),
+    "ep-svd-llm": ("ep-svd-llm", {}), "ep-svd-llm α=0.25": ("ep-svd-llm", {"beta": 0.25}),
+    "erc-svd": ("erc-svd", {"plc_samples": 32}),
     "saes-svd": ("saes-svd", {}), "aa-svd": ("aa-svd", {}), DEFAULT_METHOD: (DEFAULT_METHOD, {}),
 }
 ABLATION = {
     "ep-svd-llm + α per matrix (held-out)": ("ep-svd-llm", {"beta_grid": (0.0, 0.25, 0.5, 0.75, 1.0)}),
     "ep-svd-llm + sensitivity ranks": ("ep-svd-llm", {"layer_policy": None, "sensitivity_samples": None}),
-    "ep-svd-llm + block refinement": ("ep-svd-llm", {"refine_epochs": None}),
-    "ep-svd-llm + end-to-end tuning": ("ep-svd-llm", {"tune_epochs": 2}),
-    "best + end-to-end tuning": ("best", {"tune_epochs": 2}),
+    "ep-svd-llm + block refinement": ("ep-svd-llm", {"refine_epochs": 2}),
+    "ep-svd-llm + end-to-end tuning": ("ep-svd-llm", {"tune_epochs": None}),
     # power 0.5 chosen on held-out calibration windows (0 / 0.5 / 1 on EP at 0.2)
-    "ep-svd-llm + output-aware whitening": ("ep-svd-llm", {"output_weighting": 0.5, "sensitivity_samples": 16}),
+    "ep-svd-llm + output-aware whitening": ("ep-svd-llm", {"output_weighting": None, "sensitivity_samples": 16}),
+    "best without end-to-end tuning": ("best", {"tune_epochs": 0}),
     "best without output-aware whitening": ("best", {"output_weighting": 0.0}),
+    # the default of 2026-12-07 before end-to-end tuning replaced its block refinement
+    "best with block refinement instead of tuning": ("best", {"refine_epochs": 2, "tune_epochs": 0}),
     # `best` before issue 21's output weighting and issue 22's Δ filter (its rows up to 2026-12-07)
-    "best with the raw Δ, no output weighting": ("best", {"output_weighting": 0.0, "delta_damp_rel": 0.0}),
+    "best with the raw Δ, no output weighting": (
+        "best", {"output_weighting": 0.0, "delta_damp_rel": 0.0, "refine_epochs": 2, "tune_epochs": 0}),
     "best with the raw Δ, no output weighting, + end-to-end tuning": (
-        "best", {"output_weighting": 0.0, "delta_damp_rel": 0.0, "tune_epochs": 2}),
+        "best", {"output_weighting": 0.0, "delta_damp_rel": 0.0, "refine_epochs": 2, "tune_epochs": 2}),
 }
 PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD, "ep-svd-llm + end-to-end tuning",
-         "best + end-to-end tuning", "best with the raw Δ, no output weighting, + end-to-end tuning")
+         "best without end-to-end tuning", "best with block refinement instead of tuning",
+         "best with the raw Δ, no output weighting", "best with the raw Δ, no output weighting, + end-to-end tuning")
 PLOTTED = ("svd-llm", "ep-svd-llm", "erc-svd", DEFAULT_METHOD)
 # Reference points (issue 4): the public EP-SVD-LLM reference implementation, same protocol.
 REFERENCE = {"svd-llm": (86.5, 232.7, 874.0), "sc-svd-llm": (87.5, 186.5, 616.6),
@@ -61,10 +70,14 @@ def ablation_knobs(label):
     return method, {k: (getattr(preset, k) if v is None else v) for k, v in knobs.items()}
 
 
-def done_rows():
-    if not os.path.exists(ROWS_FILE):
+def rows_file(model_name):
+    return os.path.join(RESULTS, f"quality_{model_name}.jsonl")
+
+
+def done_rows(model_name):
+    if not os.path.exists(rows_file(model_name)):
         return []
-    with open(ROWS_FILE) as f:
+    with open(rows_file(model_name)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -89,16 +102,17 @@ def measure_saved(model, tokenizer, evals, pydoc):
     return out, loaded
 
 
-def run(labels, ratios, rerun=False):
-    model, tokenizer, calib, evals = dev_protocol()
+def run(model_name, labels, ratios, rerun=False):
+    profile = PROFILES[model_name]
+    model, tokenizer, calib, evals = dev_protocol(model_name, profile["nsamples"], windows=profile["windows"])
     pydoc = eval_windows(tokenize(tokenizer, offline_english_text()), 512, 32)
     layers = model.get_submodule(architecture_of(model).layers_path)
     dense_block = block_linear_params(layers, architecture_of(model))
     dense_model = sum(p.numel() for p in model.parameters())
-    have = {(label_of(r), r["ratio"]) for r in done_rows() if complete(r)}
+    have = {(label_of(r), r["ratio"]) for r in done_rows(model_name) if complete(r)}
     if ("dense", 0.0) not in have:
         dense = perplexity(model, evals, progress=False)
-        append({"method": "dense", "label": "dense", "ratio": 0.0, "ppl": dense.ppl,
+        append(model_name, {"method": "dense", "label": "dense", "ratio": 0.0, "ppl": dense.ppl,
                 "nonfinite": dense.nonfinite_windows, "pydoc_ppl": perplexity(model, pydoc, progress=False).ppl})
     for ratio in ratios:
         for label in labels:
@@ -119,9 +133,9 @@ def run(labels, ratios, rerun=False):
                    "kept_per_layer": kept_per_layer(loaded)}
             if saved["pydoc"] is not None:
                 row["pydoc_ppl"] = saved["pydoc"].ppl
-            if ratio == 0.4 and label in PLOTTED:
+            if ratio == 0.4 and label in PLOTTED and model_name == "smollm2":
                 row["layer_errors"] = layer_output_errors(model, loaded, evals[:16])
-            append(row)
+            append(model_name, row)
             print(f"{label} {ratio}: ppl {row['ppl']:.2f} ({report.seconds:.0f} s)", flush=True)
             del work, loaded
 
@@ -140,9 +154,9 @@ def kept_per_layer(model):
     return out
 
 
-def append(row):
+def append(model_name, row):
     os.makedirs(RESULTS, exist_ok=True)
-    with open(ROWS_FILE, "a") as f:
+    with open(rows_file(model_name), "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
 
 
@@ -150,27 +164,31 @@ def _fmt(x):
     return f"{x:.2f}" if x is not None else "–"
 
 
-def render():
-    rows = done_rows()
+def render(model_name):
+    rows = done_rows(model_name)
+    profile = PROFILES[model_name]
     by = {}
     for r in rows:  # the last row of a label and ratio wins (reruns append)
         if complete(r):
             by[(label_of(r), r["ratio"])] = r
     dense = by.get(("dense", 0.0)) or next((r for r in rows if r["method"] == "dense"), None)
-    out = ["# Quality on SmolLM2-135M (dev protocol)", "",
-           f"Written by `python benchmarks/quality_smollm2.py` ({provenance()}). Model in fp32 with its",
-           "GGUF tokenizer; calibration: 64 windows of 512 tokens from wiki.valid.tokens (seed 0);",
-           "evaluation: the first 64 non-overlapping 512-token windows of wiki.test.raw, and the first",
+    smollm2 = model_name == "smollm2"
+    out = [f"# Quality on {profile['title']}" + (" (dev protocol)" if smollm2 else ""), "",
+           f"Written by `python benchmarks/quality.py --model {model_name}` ({provenance()}). Model in fp32",
+           f"with its GGUF tokenizer; calibration: {profile['nsamples']} windows of 512 tokens from "
+           "wiki.valid.tokens (seed 0);",
+           f"evaluation: the first {profile['windows']} non-overlapping 512-token windows of wiki.test.raw, "
+           "and the first",
            "32 windows of 512 of Python's documentation text (`pydoc_data.topics`), an unrelated text",
            "no choice was made on. Every choice a method makes comes from the calibration windows.",
            "Perplexity and achieved ratio are measured on the model saved with `svdkern.save` and",
            "loaded back. Compression seconds: one run each on this machine, 2 threads.",
-           "Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
-           "2026-11-25 run (commit 5692910); they were not rerun.", "",
+           *(["Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
+              "2026-11-25 run (commit 5692910); they were not rerun."] if smollm2 else []), "",
            f"Dense perplexity: **{dense['ppl']:.2f}** (WikiText-2), "
            f"**{_fmt(dense.get('pydoc_ppl'))}** (Python docs)." if dense else "", "",
-           f"Goal of issue 9 for `{DEFAULT_METHOD}` (15% below the best existing configuration): "
-           f"{' / '.join(str(g) for g in GOAL)} at 0.2 / 0.4 / 0.6.", "",
+           *([f"Goal of issue 9 for `{DEFAULT_METHOD}` (15% below the best existing configuration): "
+              f"{' / '.join(str(g) for g in GOAL)} at 0.2 / 0.4 / 0.6.", ""] if smollm2 else []),
            "| method | ratio | WikiText-2 ppl | Python-docs ppl | reference | achieved ratio (linears / model) | compression s |",
            "|---|---|---|---|---|---|---|"]
     for ratio in RATIOS:
@@ -178,13 +196,13 @@ def render():
             r = by.get((label, ratio))
             if r is None:
                 continue
-            out.append(_row(label, r, ratio))
+            out.append(_row(label, r, ratio, REFERENCE if smollm2 else {}))
     summary = []
     for ratio, goal in zip(RATIOS, GOAL):
         best, ep, svdllm = (by.get((label, ratio)) for label in (DEFAULT_METHOD, "ep-svd-llm", "svd-llm"))
         if best and ep and svdllm:
-            summary.append(f"- ratio {ratio}: `{DEFAULT_METHOD}` {best['ppl']:.2f} against the goal {goal} "
-                           f"({'met' if best['ppl'] <= goal else 'missed'}); compression "
+            verdict = f" against the goal {goal} ({'met' if best['ppl'] <= goal else 'missed'})" if smollm2 else ""
+            summary.append(f"- ratio {ratio}: `{DEFAULT_METHOD}` {best['ppl']:.2f}{verdict}; compression "
                            f"{best['seconds']:.0f} s = {best['seconds'] / ep['seconds']:.2f}× EP-SVD-LLM's "
                            f"{ep['seconds']:.0f} s and {best['seconds'] / svdllm['seconds']:.2f}× SVD-LLM's")
     if summary:
@@ -195,7 +213,7 @@ def render():
                 "| configuration | ratio | WikiText-2 ppl | Python-docs ppl | reference | achieved ratio (linears / model) | compression s |",
                 "|---|---|---|---|---|---|---|"]
         for label, ratio in abl:
-            out.append(_row(label, by[(label, ratio)], ratio))
+            out.append(_row(label, by[(label, ratio)], ratio, {}))
     plc = [(r["ratio"], r["plc"]) for (label, _), r in by.items() if label == "erc-svd" and r.get("plc")]
     if plc:
         out += ["", "ERC-SVD's PLC search (final-layer relative error on the calibration windows):", ""]
@@ -203,14 +221,15 @@ def render():
             errs = ", ".join(f"k={k}: {float(e):.4f}" for k, e in sorted(p["errors"].items(), key=lambda kv: int(kv[0])))
             out.append(f"- ratio {ratio} (search on {p['search_windows']} windows): chose the last "
                        f"{p['layers']} layers at {p['layer_ratio']:.3f} ({errs})")
-    with open(os.path.join(RESULTS, "quality_smollm2.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"quality_{model_name}.md"), "w") as f:
         f.write("\n".join(out) + "\n")
-    plot_errors(by)
-    plot_allocation(by)
+    if smollm2:
+        plot_errors(by)
+        plot_allocation(by)
 
 
-def _row(label, r, ratio):
-    ref = REFERENCE.get(label)
+def _row(label, r, ratio, references):
+    ref = references.get(label)
     ref_text = f"{ref[RATIOS.index(ratio)]}" if ref else "–"
     bad = f" ({r['nonfinite']} non-finite windows)" if r["nonfinite"] else ""
     name = f"**{label}**" if label == DEFAULT_METHOD else label
@@ -266,6 +285,7 @@ def plot_allocation(by):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2", choices=sorted(PROFILES))
     ap.add_argument("--rows", default=",".join(ROWS), help="labels of ROWS and ABLATION")
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
     ap.add_argument("--render-only", action="store_true")
@@ -276,8 +296,8 @@ def main():
     if unknown:
         raise SystemExit(f"unknown rows: {unknown}; choose from {', '.join([*ROWS, *ABLATION])}")
     if not args.render_only:
-        run(labels, [float(r) for r in args.ratios.split(",")], args.rerun)
-    render()
+        run(args.model, labels, [float(r) for r in args.ratios.split(",")], args.rerun)
+    render(args.model)
 
 
 if __name__ == "__main__":

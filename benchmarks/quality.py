@@ -25,9 +25,20 @@ from svdkern.models import architecture_of
 from svdkern.pipeline import block_linear_params, compress_model
 from svdkern.presets import DEFAULT_METHOD, config_for
 
-# model -> how it is measured: Gemma3 (262k vocabulary) on half the windows, as in issue 21
-PROFILES = {"smollm2": dict(title="SmolLM2-135M", nsamples=64, windows=64),
-            "gemma3": dict(title="Gemma3-270M", nsamples=32, windows=32)}
+# Reference points (issue 4): the public EP-SVD-LLM reference implementation, same protocol.
+REFERENCE = {"svd-llm": (86.5, 232.7, 874.0), "sc-svd-llm": (87.5, 186.5, 616.6),
+             "ep-svd-llm": (65.3, 114.5, 204.1)}
+RATIOS = (0.2, 0.4, 0.6)
+# model -> how it is measured: Gemma3 (262k vocabulary) on half the windows, as in issue 21.
+# SmolLM2 is the dev protocol: reference points, issue 21's goal, the plots, older kept rows.
+PROFILES = {
+    "smollm2": dict(title="SmolLM2-135M (dev protocol)", nsamples=64, windows=64, reference=REFERENCE,
+                    goal=("issue 21", (37.5, 50.5, 84.7)), plots=True,
+                    notes=["Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
+                           "2026-11-25 run (commit 5692910); they were not rerun."]),
+    "gemma3": dict(title="Gemma3-270M", nsamples=32, windows=32, reference={}, goal=None, plots=False,
+                   notes=[]),
+}
 # label -> (method, knobs). The first block is the method table, the rest is the ablation.
 ROWS = {
     "svd": ("svd", {}), "svd-llm": ("svd-llm", {}), "sc-svd-llm": ("sc-svd-llm", {}),
@@ -56,11 +67,6 @@ PYDOC = ("svd-llm", "ep-svd-llm", "saes-svd", DEFAULT_METHOD, "ep-svd-llm + end-
          "best without end-to-end tuning", "best with block refinement instead of tuning",
          "best with the raw Δ, no output weighting", "best with the raw Δ, no output weighting, + end-to-end tuning")
 PLOTTED = ("svd-llm", "ep-svd-llm", "erc-svd", DEFAULT_METHOD)
-# Reference points (issue 4): the public EP-SVD-LLM reference implementation, same protocol.
-REFERENCE = {"svd-llm": (86.5, 232.7, 874.0), "sc-svd-llm": (87.5, 186.5, 616.6),
-             "ep-svd-llm": (65.3, 114.5, 204.1)}
-GOAL = (53.3, 84.9, 146.4)
-RATIOS = (0.2, 0.4, 0.6)
 
 
 def ablation_knobs(label):
@@ -133,7 +139,7 @@ def run(model_name, labels, ratios, rerun=False):
                    "kept_per_layer": kept_per_layer(loaded)}
             if saved["pydoc"] is not None:
                 row["pydoc_ppl"] = saved["pydoc"].ppl
-            if ratio == 0.4 and label in PLOTTED and model_name == "smollm2":
+            if ratio == 0.4 and label in PLOTTED and profile["plots"]:
                 row["layer_errors"] = layer_output_errors(model, loaded, evals[:16])
             append(model_name, row)
             print(f"{label} {ratio}: ppl {row['ppl']:.2f} ({report.seconds:.0f} s)", flush=True)
@@ -172,8 +178,8 @@ def render(model_name):
         if complete(r):
             by[(label_of(r), r["ratio"])] = r
     dense = by.get(("dense", 0.0)) or next((r for r in rows if r["method"] == "dense"), None)
-    smollm2 = model_name == "smollm2"
-    out = [f"# Quality on {profile['title']}" + (" (dev protocol)" if smollm2 else ""), "",
+    goal_name, goal = profile["goal"] or (None, None)
+    out = [f"# Quality on {profile['title']}", "",
            f"Written by `python benchmarks/quality.py --model {model_name}` ({provenance()}). Model in fp32",
            f"with its GGUF tokenizer; calibration: {profile['nsamples']} windows of 512 tokens from "
            "wiki.valid.tokens (seed 0);",
@@ -183,12 +189,11 @@ def render(model_name):
            "no choice was made on. Every choice a method makes comes from the calibration windows.",
            "Perplexity and achieved ratio are measured on the model saved with `svdkern.save` and",
            "loaded back. Compression seconds: one run each on this machine, 2 threads.",
-           *(["Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
-              "2026-11-25 run (commit 5692910); they were not rerun."] if smollm2 else []), "",
+           *profile["notes"], "",
            f"Dense perplexity: **{dense['ppl']:.2f}** (WikiText-2), "
            f"**{_fmt(dense.get('pydoc_ppl'))}** (Python docs)." if dense else "", "",
-           *([f"Goal of issue 9 for `{DEFAULT_METHOD}` (15% below the best existing configuration): "
-              f"{' / '.join(str(g) for g in GOAL)} at 0.2 / 0.4 / 0.6.", ""] if smollm2 else []),
+           *([f"Goal of {goal_name} for `{DEFAULT_METHOD}` (WikiText-2): "
+              f"{' / '.join(str(g) for g in goal)} at {' / '.join(str(r) for r in RATIOS)}.", ""] if goal else []),
            "| method | ratio | WikiText-2 ppl | Python-docs ppl | reference | achieved ratio (linears / model) | compression s |",
            "|---|---|---|---|---|---|---|"]
     for ratio in RATIOS:
@@ -196,12 +201,12 @@ def render(model_name):
             r = by.get((label, ratio))
             if r is None:
                 continue
-            out.append(_row(label, r, ratio, REFERENCE if smollm2 else {}))
+            out.append(_row(label, r, ratio, profile["reference"]))
     summary = []
-    for ratio, goal in zip(RATIOS, GOAL):
+    for i, ratio in enumerate(RATIOS):
         best, ep, svdllm = (by.get((label, ratio)) for label in (DEFAULT_METHOD, "ep-svd-llm", "svd-llm"))
         if best and ep and svdllm:
-            verdict = f" against the goal {goal} ({'met' if best['ppl'] <= goal else 'missed'})" if smollm2 else ""
+            verdict = f" against the goal {goal[i]} ({'met' if best['ppl'] <= goal[i] else 'missed'})" if goal else ""
             summary.append(f"- ratio {ratio}: `{DEFAULT_METHOD}` {best['ppl']:.2f}{verdict}; compression "
                            f"{best['seconds']:.0f} s = {best['seconds'] / ep['seconds']:.2f}× EP-SVD-LLM's "
                            f"{ep['seconds']:.0f} s and {best['seconds'] / svdllm['seconds']:.2f}× SVD-LLM's")
@@ -221,11 +226,28 @@ def render(model_name):
             errs = ", ".join(f"k={k}: {float(e):.4f}" for k, e in sorted(p["errors"].items(), key=lambda kv: int(kv[0])))
             out.append(f"- ratio {ratio} (search on {p['search_windows']} windows): chose the last "
                        f"{p['layers']} layers at {p['layer_ratio']:.3f} ({errs})")
+    out += tuning_lines(by)
     with open(os.path.join(RESULTS, f"quality_{model_name}.md"), "w") as f:
         f.write("\n".join(out) + "\n")
-    if smollm2:
+    if profile["plots"]:
         plot_errors(by)
         plot_allocation(by)
+
+
+def tuning_lines(by):
+    """What end-to-end tuning did in each tuned row: held-out calibration KL per epoch."""
+    lines = []
+    for (label, ratio), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        t = r.get("tune")
+        if t:
+            epochs = " / ".join(f"{kl:.4f}" for kl in t["history"])
+            lines.append(f"- {label} at {ratio}: {t['held_out_kl_before']:.4f} before, {epochs} after each "
+                         f"epoch; kept epoch {t['kept_epoch']} ({t['steps']} steps, "
+                         f"{t['trained_parameters']:,} parameters trained)")
+    if not lines:
+        return []
+    return ["", "End-to-end tuning: KL to the dense model (nats per token) on the held-out calibration "
+            "windows, which choose the kept epoch:", "", *lines]
 
 
 def _row(label, r, ratio, references):

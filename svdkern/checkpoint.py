@@ -18,6 +18,7 @@ from .layer_store import LayerStore
 from .models import Architecture
 from .nn import LowRankLinear
 from .presets import CompressionConfig
+from .refine import RECIPES
 
 REPORT_FIELDS = ("ranks", "residual_ranks", "betas", "damping", "refine", "aligned_ranks", "truncation")
 
@@ -302,10 +303,12 @@ def fingerprint(model, store: LayerStore, windows: torch.Tensor, cfg: Compressio
             "weights": store.weights_digest(model),
             "layers": "streamed from disk" if store.writes_factors else "in memory",
             "processes": distributed.world(),
+            "refine_step_windows": RECIPES[cfg.refine_recipe].step_windows if cfg.refine_epochs else None,
             "model_config": digest(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())}
 
 
-OLDER_CHECKPOINTS = {"layers": "in memory", "processes": 1}  # what fingerprints without the key meant
+# what fingerprints without the key meant (refinement stepped once per micro-batch before 2026-12-08)
+OLDER_CHECKPOINTS = {"layers": "in memory", "processes": 1, "refine_step_windows": None}
 
 
 def _differences(saved: dict, now: dict) -> list[str]:
@@ -328,6 +331,9 @@ def _differences(saved: dict, now: dict) -> list[str]:
             out.append("the model's weights")
         elif key == "layers":
             out.append(f"layers {before} -> {value} (resume the way the run started)")
+        elif key == "refine_step_windows":
+            out.append(f"refinement windows per step {before or 'one micro-batch'} -> {value or 'one micro-batch'}"
+                       " (an older svdkern's aa-svd refinement: start again)")
         elif key == "processes":
             out.append(f"processes {before} -> {value} (resume with as many ranks as the run started with)")
         else:

@@ -408,9 +408,14 @@ def _refine(layer, inputs, targets, kwargs, cfg, report, index, device):
             return
         total = distributed.summed_count(len(inputs), device)  # all ranks' micro-batches
         holdout = min(cfg.holdout_batches, total - 1)  # one batch: it fits and selects
+        recipe = RECIPES[cfg.refine_recipe]
+        accumulate = 1
+        if recipe.step_windows:  # micro-batches per step, from all ranks' windows per micro-batch
+            windows = distributed.summed_count(sum(x.shape[0] for x in inputs), device)
+            accumulate = max(1, round(recipe.step_windows * total / windows))
         result = refine_block(layer, run_layer, inputs, targets, kwargs, epochs=cfg.refine_epochs,
                               lr=cfg.refine_lr, holdout=holdout, device=device, global_batches=total,
-                              recipe=RECIPES[cfg.refine_recipe])
+                              recipe=recipe, accumulate=accumulate)
         report.refine[index] = {"before": result.before, "after": result.after, "steps": result.steps,
                                 "selection": result.selection}
 

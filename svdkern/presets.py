@@ -177,7 +177,8 @@ PRESETS: dict[str, dict] = {
                  output_weighting=0.5, tune_epochs=3),
     # AA-SVD's reference code at its defaults (objective "obj2": SVD-LLM's whitened solve on the
     # original model's activations; then 25 epochs of block refinement on the compressed stream's
-    # inputs toward the FP block outputs, AdamW lr 1e-4, every block parameter, last state kept).
+    # inputs toward the FP block outputs, AdamW lr 1e-4, every block parameter, one step per 32
+    # windows, last state kept).
     "aa-svd": dict(stream="both", gram_stream="fp", refine_epochs=25, refine_lr=1e-4, refine_recipe="aa-svd",
                    holdout_batches=0),
 }

@@ -10,7 +10,8 @@ lowest error on them is kept, so refinement never ends worse than it started on 
 Two recipes (`RECIPES`): svdkern's (Adam on the factors, the relative block error, the best state
 on held-out batches) and AA-SVD's reference recipe (AdamW with weight decay 0.01 on every
 parameter of the block, norms and biases included, mean squared error, 10% linear warm-up then
-cosine decay to 0.1 of the rate, gradients clipped to norm 1, the last state kept).
+cosine decay to 0.1 of the rate, gradients clipped to norm 1, the last state kept, one step per
+32 windows).
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ class Recipe:
     schedule: bool = False        # 10% linear warm-up from 0, then cosine to 0.1 of the rate
     clip: float | None = None     # gradient norm clipping
     keep_best: bool = True        # the held-out batches pick the kept state; False: the last one
+    step_windows: int | None = None  # windows per step (gradients accumulated); None: one micro-batch
 
 
 RECIPES = {"svdkern": Recipe(),
-           "aa-svd": Recipe(train_all=True, weight_decay=0.01, mse=True, schedule=True, clip=1.0, keep_best=False)}
+           # its dataloader's batch of 32 windows per step: 2 steps per epoch on 64 windows
+           "aa-svd": Recipe(train_all=True, weight_decay=0.01, mse=True, schedule=True, clip=1.0, keep_best=False,
+                            step_windows=32)}
 
 
 def aa_svd_schedule(step: int, total: int) -> float:
@@ -98,12 +102,13 @@ def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwargs: list, *,
                  epochs: int, lr: float, holdout: int, device, global_batches: int | None = None,
-                 recipe: Recipe = RECIPES["svdkern"]) -> RefineResult:
+                 recipe: Recipe = RECIPES["svdkern"], accumulate: int = 1) -> RefineResult:
     """Tune the LowRankLinear factors of `layer` in place; returns the errors before and after.
 
     inputs/targets/kwargs: one entry per calibration micro-batch. The last `holdout` micro-batches
     are never stepped on; they pick the kept state (evaluated after every pass over the rest).
-    With holdout 0 the fit batches themselves pick it.
+    With holdout 0 the fit batches themselves pick it. `accumulate` consecutive micro-batches make
+    one step (the mean of their losses), as a larger batch would.
     Under torch.distributed these are this rank's micro-batches of all ranks' `global_batches`: the
     steps still go through the global batches in order, each taken by the rank that holds the batch
     and its gradient broadcast, so every rank (and one process) makes the same Adam steps.
@@ -135,28 +140,41 @@ def refine_block(layer: nn.Module, run_layer, inputs: list, targets: list, kwarg
     best_state, best_steps, steps = [p.detach().clone() for p in params], 0, 0
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay) if recipe.weight_decay
            else torch.optim.Adam(params, lr=lr))
-    total_steps = epochs * len(fit)
+    groups = [fit[i:i + accumulate] for i in range(0, len(fit), accumulate)]
+    total_steps = epochs * len(groups)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda step: aa_svd_schedule(step, total_steps))
              if recipe.schedule else None)
     try:
         with torch.enable_grad():
-            for _ in range(epochs):
-                for g in fit:
-                    opt.zero_grad(set_to_none=False)
-                    if g in local:
-                        x, y, kw = local[g]
-                        y = y.to(device).float()
-                        out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
-                        err = ((out.float() - y) ** 2)
-                        loss = err.mean() if recipe.mse else err.sum() / (y ** 2).sum()
-                        loss.backward()
-                    distributed.broadcast_grads(params, src=g % distributed.world())
+            for epoch in range(epochs):
+                for group in groups:
+                    summed = [torch.zeros_like(p) for p in params] if len(group) > 1 else None
+                    for g in group:
+                        opt.zero_grad(set_to_none=False)
+                        if g in local:
+                            x, y, kw = local[g]
+                            y = y.to(device).float()
+                            out = run_layer(layer, x.to(device, torch.float32), _cast(kw, torch.float32))
+                            err = ((out.float() - y) ** 2)
+                            loss = err.mean() if recipe.mse else err.sum() / (y ** 2).sum()
+                            (loss / len(group)).backward()
+                        distributed.broadcast_grads(params, src=g % distributed.world())
+                        if summed is not None:
+                            for acc, p in zip(summed, params):
+                                if p.grad is not None:
+                                    acc += p.grad
+                    if summed is not None:
+                        for acc, p in zip(summed, params):
+                            if p.grad is not None:
+                                p.grad.copy_(acc)
                     if recipe.clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, recipe.clip)
                     opt.step()
                     if sched is not None:
                         sched.step()
                     steps += 1
+                if not recipe.keep_best and epoch < epochs - 1:
+                    continue  # only the last state is kept: no need to measure the others
                 now = error()
                 if now < best or not recipe.keep_best:
                     best, best_steps = now, steps

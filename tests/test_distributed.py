@@ -58,6 +58,7 @@ def free_port() -> int:
     ("ep-svd-llm", "opt", {}),
     ("erc-svd", "llama", dict(plc_samples=6)),                       # PLC's search on the first batches
     ("best", "llama", dict(sensitivity_samples=6, refine_epochs=2)),  # Fisher ranks and outputs, refinement, tuning
+    ("aa-svd", "llama", dict(refine_epochs=2)),  # every block parameter, micro-batches of all ranks in one step
     ("svd-llm", "llama", dict(layer_policy="v2")),
     ("ep-svd-llm", "llama", dict(beta_grid=(0.0, 0.5, 1.0), holdout_batches=2)),  # held-out β
     ("svd-llm", "qwen2", dict(tune_epochs=2, tune_batch=4, tune_holdout=4, tune_lr=1e-3))])  # all-reduced tuning

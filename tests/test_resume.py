@@ -234,3 +234,25 @@ def test_ctrl_c_in_the_spectra_pass_resumes_from_its_last_layer(windows, tmp_pat
     for name, (U, V) in want.items():
         assert torch.equal(got[name][0], U) and torch.equal(got[name][1], V), name
     assert not os.path.exists(ckpt)  # a finished run leaves nothing behind
+
+
+@pytest.mark.parametrize("method,refused", [("aa-svd", True), ("ep-svd-llm", False)])
+def test_an_older_aa_svd_refinement_checkpoint_is_refused(method, refused, windows, tmp_path):
+    """Before 2026-12-08 every refinement stepped once per micro-batch; aa-svd now steps once per 32
+    windows, so its older checkpoints (fingerprints without the key) would mix the two."""
+    from svdkern.layer_store import LayerStore
+    from svdkern.presets import config_for
+
+    model = tiny_model("llama", seed=5, layers=1)
+    store = LayerStore(model.get_submodule("model.layers"), "cpu", "cpu")
+    cfg = config_for(method, 0.3, refine_epochs=2)
+    older = checkpoint.fingerprint(model, store, windows, cfg, 4)
+    del older["refine_step_windows"]
+    saved = checkpoint.Checkpoint(str(tmp_path / "ck"), older, 0.0)
+    saved.save_allocation({}, {})
+    resumed = checkpoint.Checkpoint(str(tmp_path / "ck"), checkpoint.fingerprint(model, store, windows, cfg, 4), 0.0)
+    if refused:
+        with pytest.raises(RuntimeError, match="refinement windows per step one micro-batch -> 32"):
+            resumed.load_allocation()
+    else:
+        assert resumed.load_allocation() is not None

@@ -39,7 +39,9 @@ PROFILES = {
     "smollm2": dict(title="SmolLM2-135M (dev protocol)", nsamples=64, windows=64, reference=REFERENCE,
                     goal=("issue 21", (37.5, 50.5, 84.7)), plots=True,
                     notes=["Rows without a Python-docs perplexity (svd, sc-svd-llm, erc-svd) are kept from the",
-                           "2026-11-25 run (commit 5692910); they were not rerun."]),
+                           "2026-11-25 run (commit 5692910); they were not rerun.",
+                           "aa-svd at 0.2 (2026-12-08) shared the 2 cores with test runs for about 13 of its 79",
+                           "minutes, so its time is somewhat high; 25 epochs × 2 steps per layer, 95% of it refinement."]),
     "gemma3": dict(title="Gemma3-270M", nsamples=32, windows=32, reference={}, goal=None, plots=False,
                    notes=[]),
 }

@@ -77,6 +77,8 @@ MUTANTS = {
         "    return 0.5 * (1 + math.cos(math.pi * progress))"),
     "aa-svd refines only the factors": (
         "svdkern/refine.py", '"aa-svd": Recipe(train_all=True,', '"aa-svd": Recipe(train_all=False,'),
+    "aa-svd steps once per micro-batch, not per 32 windows": (
+        "svdkern/refine.py", "                            step_windows=32)}", "                            step_windows=None)}"),
     "aa-svd keeps its best state": (
         "svdkern/refine.py", "                if now < best or not recipe.keep_best:", "                if now < best:"),
     # allocation oracles (allocation.py, sensitivity.py, policy.py)
